@@ -1,0 +1,81 @@
+"""MEGC2019 scores (UF1 = macro F1, UAR = mean per-class recall) and the MEGC log format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+from .runtime import atomic_write
+
+CLASSES = ("negative", "positive", "surprise")  # composite labels 0, 1, 2
+SUBSETS = ("smic", "casme2", "samm")
+LOG_COLUMNS = ["dataset", "subject", "clip", "gt", "pred"]
+
+
+def uf1(y_true, y_pred) -> float:
+    """Unweighted F1: the mean of per-class F1 over the classes that occur in y_true or y_pred."""
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def uar(y_true, y_pred) -> float:
+    """Unweighted average recall: the mean of per-class recall over the classes present."""
+    return float(recall_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def accuracy(y_true, y_pred) -> float:
+    return float(accuracy_score(y_true, y_pred))
+
+
+def scores(y_true, y_pred) -> dict:
+    return {"uf1": uf1(y_true, y_pred), "uar": uar(y_true, y_pred), "accuracy": accuracy(y_true, y_pred),
+            "n": len(y_true)}
+
+
+def megc_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Scores for the whole set ('full') and each dataset present, as MEGC2019 reports them."""
+    for col in ("dataset", "gt", "pred"):
+        if col not in df:
+            raise ValueError(f"megc_scores: column '{col}' is missing (have {list(df.columns)})")
+    rows = {"full": scores(df["gt"], df["pred"])}
+    extra = sorted(set(df.dataset) - set(SUBSETS))
+    for name in [s for s in SUBSETS if s in set(df.dataset)] + extra:
+        part = df[df.dataset == name]
+        rows[name] = scores(part["gt"], part["pred"])
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out["n"] = out["n"].astype(int)
+    return out
+
+
+def read_megc_log(path: str | Path) -> pd.DataFrame:
+    """Parse an MEGC2019 log: '<db> <subject>' fold headers, then '<clip> <gt> <pred>' lines."""
+    path = Path(path)
+    rows, fold = [], None
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 2:
+            fold = parts
+        elif len(parts) == 3 and fold is not None:
+            try:
+                rows.append([*fold, parts[0], int(parts[1]), int(parts[2])])
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: gt and pred must be integers, got {line!r}") from None
+        else:
+            raise ValueError(f"{path}:{lineno}: expected '<db> <subject>' or '<clip> <gt> <pred>', got {line!r}")
+    if not rows:
+        raise ValueError(f"{path}: no prediction lines found (is this an MEGC log?)")
+    return pd.DataFrame(rows, columns=LOG_COLUMNS)
+
+
+def write_megc_log(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write predictions in MEGC2019 log format, one '<db> <subject>' block per fold, order kept."""
+    missing = [c for c in LOG_COLUMNS if c not in df]
+    if missing:
+        raise ValueError(f"write_megc_log: columns {missing} are missing (have {list(df.columns)})")
+    lines = []
+    for (dataset, subject), part in df.groupby(["dataset", "subject"], sort=False):
+        lines.append(f"{dataset} {subject}")
+        lines += [f"{c} {int(g)} {int(p)}" for c, g, p in zip(part["clip"], part["gt"], part["pred"])]
+    return atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

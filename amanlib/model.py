@@ -1,0 +1,98 @@
+"""AMAN (Wei et al., ICASSP 2022): layer4 per (frame, factor), magnification attention alpha, frame attention beta.
+
+State-dict keys match the authors' implementation (layer4.*, alpha.0.*, beta.0.*, pred_fc.*) so their
+checkpoints load as they are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+
+def make_layer4(in_channels: int = 256) -> nn.Sequential:
+    """ResNet-18 layer4: two BasicBlocks, in_channels -> 512, stride 2 (torchvision naming)."""
+    downsample = nn.Sequential(conv1x1(in_channels, 512, stride=2), nn.BatchNorm2d(512))
+    return nn.Sequential(BasicBlock(in_channels, 512, stride=2, downsample=downsample), BasicBlock(512, 512))
+
+
+def _unwrap_state_dict(obj, path) -> dict:
+    """Accept a plain state dict or {'state_dict': ...}; strip the 'module.' prefix DataParallel adds."""
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict or a dict with a 'state_dict' entry of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_state_file(path: str | Path) -> dict:
+    """Read a checkpoint file (weights_only) and return its state dict without 'module.' prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
+    return _unwrap_state_dict(obj, path)
+
+
+class AMAN(nn.Module):
+    """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14]."""
+
+    def __init__(self, num_classes: int, in_channels: int = 256, init_layer4_from: str | Path | None = None):
+        super().__init__()
+        self.layer4 = make_layer4(in_channels)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # magnification attention
+        self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # frame attention
+        self.pred_fc = nn.Linear(512, num_classes)
+        if init_layer4_from is not None:
+            self.load_layer4(init_layer4_from)
+
+    def load_layer4(self, path: str | Path) -> None:
+        """Start layer4 from a pre-trained ResNet-18 checkpoint (FER+ or the kit's own trunk)."""
+        state = {k.removeprefix("layer4."): v for k, v in load_state_file(path).items() if k.startswith("layer4.")}
+        if not state:
+            raise ValueError(f"{path}: no 'layer4.*' weights in this checkpoint, cannot initialise AMAN's layer4")
+        self.layer4.load_state_dict(state)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """One layer4 call over all B*F*K maps, then global average pooling: -> B, F, K, 512."""
+        B, F, K = x.shape[:3]
+        f = self.layer4(x.flatten(0, 2))  # B*F*K, 512, 7, 7
+        return self.avgpool(f).flatten(1).view(B, F, K, -1)
+
+    def attend(self, f: torch.Tensor):
+        """Alpha over factors, then beta over frames, then the classifier: f B, F, K, 512 -> logits, alpha, beta."""
+        alpha = self.alpha(f)  # B, F, K, 1
+        v_frame = (alpha * f).sum(2) / alpha.sum(2)  # B, F, 512
+        beta = self.beta(v_frame)  # B, F, 1
+        v = (beta * v_frame).sum(1) / beta.sum(1)  # B, 512
+        return self.pred_fc(v), alpha.squeeze(-1), beta.squeeze(-1)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if x.dim() != 6:
+            raise ValueError(f"AMAN expects features [B, F, K, C, H, W], got shape {tuple(x.shape)}")
+        logits, alpha, beta = self.attend(self.pool(x))
+        return (logits, alpha, beta) if return_attention else logits
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, num_classes: int | None = None, **kw) -> "AMAN":
+        """Build a model whose class count is read from the checkpoint's pred_fc, then load it."""
+        state = load_state_file(path)
+        if "pred_fc.weight" not in state:
+            raise ValueError(f"{path}: not an AMAN checkpoint (no 'pred_fc.weight'; keys start {list(state)[:3]})")
+        model = cls(num_classes or state["pred_fc.weight"].shape[0], **kw)
+        model.load_checkpoint(path)
+        return model
+
+    def load_checkpoint(self, path: str | Path) -> "AMAN":
+        """Load an AMAN checkpoint: plain state dict or {'state_dict': ...}, with or without 'module.'."""
+        state = load_state_file(path)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: not an AMAN checkpoint of this shape; missing keys {missing[:5]}, "
+                             f"unexpected keys {unexpected[:5]}")
+        return self

@@ -1,0 +1,21 @@
+"""Shared fixtures: the reference material lives outside the repo (../shared/reference by default)."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("AMANLIB_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+def reference_path(*parts: str) -> Path:
+    """Path inside the reference folder; skips the test, naming what is missing, when it is absent."""
+    path = REFERENCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference file {path} is absent (set AMANLIB_REFERENCE to the shared/reference folder)")
+    return path
+
+
+@pytest.fixture
+def reference():
+    return reference_path

@@ -1,0 +1,71 @@
+import logging
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from amanlib.features import ResNet18Trunk, extract_features, load_fer_checkpoint, load_trunk, preprocess
+
+
+def fer_like_checkpoint(path, seed=0):
+    """A file laid out like Emotion-FAN's Resnet18_FER+_pytorch.pth.tar (DataParallel keys, 8-class fc)."""
+    torch.manual_seed(seed)
+    net = resnet18(num_classes=8)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}, "epoch": 40}, path)
+    return net
+
+
+def test_trunk_shape_and_names():
+    trunk = ResNet18Trunk().eval()
+    with torch.no_grad():
+        out = trunk(torch.randn(2, 3, 224, 224))
+    assert out.shape == (2, 256, 14, 14)
+    keys = set(trunk.state_dict())
+    assert "conv1.weight" in keys and "layer3.1.bn2.running_var" in keys
+    assert not any(k.startswith(("layer4", "fc")) for k in keys)
+
+
+def test_load_fer_checkpoint_matches_torchvision(tmp_path):
+    net = fer_like_checkpoint(tmp_path / "Resnet18_FER+_pytorch.pth.tar").eval()
+    trunk = load_fer_checkpoint(ResNet18Trunk(), tmp_path / "Resnet18_FER+_pytorch.pth.tar").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+        torch.testing.assert_close(trunk(x), expected)
+    assert trunk.source.endswith("Resnet18_FER+_pytorch.pth.tar")
+    full = load_fer_checkpoint(ResNet18Trunk(with_layer4=True), tmp_path / "Resnet18_FER+_pytorch.pth.tar")
+    torch.testing.assert_close(full.layer4[0].conv1.weight, net.layer4[0].conv1.weight)
+
+
+def test_load_fer_checkpoint_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt.*not a PyTorch checkpoint"):
+        load_fer_checkpoint(ResNet18Trunk(), tmp_path / "notes.txt")
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(64, 3, 7, 7)}}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="partial.pth.*missing"):
+        load_fer_checkpoint(ResNet18Trunk(), tmp_path / "partial.pth")
+    torch.save({"state_dict": {k: v[..., :1] if v.dim() == 4 else v for k, v in ResNet18Trunk().state_dict().items()}},
+               tmp_path / "shapes.pth")
+    with pytest.raises(ValueError, match="shapes.pth.*shapes differ"):
+        load_fer_checkpoint(ResNet18Trunk(), tmp_path / "shapes.pth")
+
+
+def test_load_trunk_is_loud_without_checkpoint(caplog):
+    with pytest.raises(ValueError, match="FER"):
+        load_trunk(None)
+    with caplog.at_level(logging.WARNING):
+        trunk = load_trunk(None, allow_random=True)
+    assert trunk.source == "random" and "RANDOM" in caplog.text
+
+
+def test_extract_features_batches_and_dtype():
+    torch.manual_seed(0)
+    trunk = ResNet18Trunk().eval()
+    images = torch.rand(5, 3, 120, 100)
+    feats = extract_features(images, trunk, batch_size=2, device="cpu", dtype=torch.float16, progress=False)
+    assert feats.shape == (5, 256, 14, 14) and feats.dtype == torch.float16
+    with torch.no_grad():
+        one = trunk(preprocess(images[3:4]))
+    torch.testing.assert_close(feats[3:4].float(), one, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="N, 3, H, W"):
+        extract_features(torch.rand(3, 64, 64), trunk)
