@@ -26,7 +26,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow"
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/magnify.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) results/notebooks results/figures results/bench results/work results/metrics.json .pytest_cache

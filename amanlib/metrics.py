@@ -48,12 +48,12 @@ def megc_scores(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_megc_log(path: str | Path) -> pd.DataFrame:
-    """Parse an MEGC2019 log: '<db> <subject>' fold headers, then '<clip> <gt> <pred>' lines."""
+    """Parse an MEGC2019 log: '<db> <subject>' fold headers, then '<clip> <gt> <pred>' lines; '#' starts a comment."""
     path = Path(path)
     rows, fold = [], None
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
-        if not parts:
+        if not parts or parts[0].startswith("#"):
             continue
         if len(parts) == 2:
             fold = parts
@@ -69,12 +69,15 @@ def read_megc_log(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=LOG_COLUMNS)
 
 
-def write_megc_log(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write predictions in MEGC2019 log format, one '<db> <subject>' block per fold, order kept."""
+def write_megc_log(df: pd.DataFrame, path: str | Path, comment: str | None = None) -> Path:
+    """Write predictions in MEGC2019 log format, one '<db> <subject>' block per fold, order kept.
+
+    A comment (e.g. that the epoch was chosen on the test subject) goes first, behind '#'.
+    """
     missing = [c for c in LOG_COLUMNS if c not in df]
     if missing:
         raise ValueError(f"write_megc_log: columns {missing} are missing (have {list(df.columns)})")
-    lines = []
+    lines = [f"# {comment}"] if comment else []
     for (dataset, subject), part in df.groupby(["dataset", "subject"], sort=False):
         lines.append(f"{dataset} {subject}")
         lines += [f"{c} {int(g)} {int(p)}" for c, g, p in zip(part["clip"], part["gt"], part["pred"])]

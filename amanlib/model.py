@@ -41,8 +41,10 @@ def load_state_file(path: str | Path) -> dict:
 class AMAN(nn.Module):
     """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14]."""
 
-    def __init__(self, num_classes: int, in_channels: int = 256, init_layer4_from: str | Path | None = None):
+    def __init__(self, num_classes: int, in_channels: int = 256, init_layer4_from: str | Path | None = None,
+                 use_alpha: bool = True, use_beta: bool = True, channels_last: bool = False):
         super().__init__()
+        self.use_alpha, self.use_beta, self.channels_last = use_alpha, use_beta, channels_last  # ablation switches
         self.layer4 = make_layer4(in_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # magnification attention
@@ -61,14 +63,18 @@ class AMAN(nn.Module):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """One layer4 call over all B*F*K maps, then global average pooling: -> B, F, K, 512."""
         B, F, K = x.shape[:3]
-        f = self.layer4(x.flatten(0, 2))  # B*F*K, 512, 7, 7
+        x = x.flatten(0, 2)  # B*F*K, C, 14, 14
+        f = self.layer4(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)  # ., 512, 7, 7
         return self.avgpool(f).flatten(1).view(B, F, K, -1)
 
     def attend(self, f: torch.Tensor):
-        """Alpha over factors, then beta over frames, then the classifier: f B, F, K, 512 -> logits, alpha, beta."""
-        alpha = self.alpha(f)  # B, F, K, 1
+        """Alpha over factors, then beta over frames, then the classifier: f B, F, K, 512 -> logits, alpha, beta.
+
+        With use_alpha / use_beta off, that attention is replaced by ones (a plain mean), for the ablations.
+        """
+        alpha = self.alpha(f) if self.use_alpha else f.new_ones(*f.shape[:3], 1)  # B, F, K, 1
         v_frame = (alpha * f).sum(2) / alpha.sum(2)  # B, F, 512
-        beta = self.beta(v_frame)  # B, F, 1
+        beta = self.beta(v_frame) if self.use_beta else f.new_ones(*f.shape[:2], 1)  # B, F, 1
         v = (beta * v_frame).sum(1) / beta.sum(1)  # B, 512
         return self.pred_fc(v), alpha.squeeze(-1), beta.squeeze(-1)
 

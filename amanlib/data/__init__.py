@@ -1,0 +1,21 @@
+"""Datasets: CASME II, SAMM and SMIC-HS read from their own files, the MEGC2019 composite and 5-class
+protocols, frame selection and apex estimation, face cropping, and synthetic stand-in datasets."""
+from .composite import (CASME2_5CLASS, MEGC2019, MEGC2019_EXCLUDED, SAMM_5CLASS, GTReport, Protocol,
+                        apply_protocol, casme2_5class, class_counts, megc2019_3class, megc2019_composite, read_gt,
+                        samm_5class, validate_against_gt)
+from .facecrop import FaceNotFoundError, HaarFaceDetector, crop_clip, crop_faces, square_box
+from .frames import (clip_frame_paths, estimate_apex, fill_apex, load_clip_frames, select_frame_numbers,
+                     select_frames)
+from .readers import COLUMNS, check_frames, frame_index, read_casme2, read_samm, read_smic
+from .synthetic import (MACRO_CLASSES, MacroConfig, SyntheticConfig, make_synthetic, make_synthetic_macro,
+                        read_truth)
+
+__all__ = [
+    "COLUMNS", "read_casme2", "read_samm", "read_smic", "check_frames", "frame_index",
+    "Protocol", "MEGC2019", "MEGC2019_EXCLUDED", "CASME2_5CLASS", "SAMM_5CLASS", "apply_protocol",
+    "megc2019_3class", "megc2019_composite", "casme2_5class", "samm_5class", "class_counts",
+    "read_gt", "validate_against_gt", "GTReport",
+    "clip_frame_paths", "select_frame_numbers", "select_frames", "estimate_apex", "fill_apex", "load_clip_frames",
+    "HaarFaceDetector", "FaceNotFoundError", "square_box", "crop_clip", "crop_faces",
+    "SyntheticConfig", "MacroConfig", "MACRO_CLASSES", "make_synthetic", "make_synthetic_macro", "read_truth",
+]

@@ -1,0 +1,285 @@
+"""Synthetic micro-expression data in CASME II's own layout, the embedded default for users without a licence.
+
+`make_synthetic` writes root/Cropped/sub01/EP01_01/reg_imgN.jpg and a coding sheet with the columns of the
+2014 CASME II sheet, then reads them back with `read_casme2` and labels them with the MEGC2019 rules. Each
+class is its own facial action at the real place (see faces.action_fields), rising from onset to apex and
+falling to offset, with a peak displacement of a fraction of a pixel to 2 px whose size is a property of
+the subject (so no single magnification factor suits everyone). Sensor noise, head drift, blinks and
+illumination flicker are added independently of the label. `make_synthetic_macro` renders the same face
+model with large expressions, a stand-in for FER+ when pre-training the feature trunk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openpyxl
+import pandas as pd
+import torch
+
+from .composite import megc2019_3class
+from .faces import EMOTION_AUS, action_fields, render_faces, sample_face, warp
+from .readers import read_casme2
+
+SHEET_NAME = "CASME2-coding-synthetic.xlsx"
+TRUTH_NAME = "synthetic_truth.csv"
+STAMP_NAME = "synthetic.json"
+MACRO_STAMP_NAME = "synthetic_macro.json"
+SHEET_HEADER = ["Subject", "Filename", None, "OnsetFrame", "ApexFrame", "OffsetFrame", None, "Action Units",
+                "Estimated Emotion"]  # as in CASME2-coding-20140508.xlsx, blank columns included
+CLASS_EMOTIONS = {"negative": ("disgust", "repression"), "positive": ("happiness",), "surprise": ("surprise",)}
+MACRO_CLASSES = ("negative", "positive", "surprise", "neutral")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the synthetic micro-expression set (defaults: 12 subjects x 8 clips x about 20 frames)."""
+    n_subjects: int = 12
+    clips_per_subject: int = 8
+    frames: int = 20  # frames per clip, onset to offset, +- frames_jitter
+    frames_jitter: int = 3
+    size: int = 128
+    subject_peak_px: tuple[float, float] = (0.3, 2.0)  # per-subject apex displacement, drawn log-uniformly
+    clip_peak_jitter: tuple[float, float] = (0.8, 1.25)  # per-clip factor on the subject's displacement
+    max_peak_px: float = 2.0
+    noise_sigma: float = 1.5 / 255  # sensor noise, per pixel and frame
+    drift_px: float = 0.3  # largest head drift within a clip
+    blink_prob: float = 0.3
+    flicker: float = 0.01  # relative illumination flicker
+    jpeg_quality: int = 95
+
+
+@dataclass(frozen=True)
+class MacroConfig:
+    """Knobs of the macro-expression set: several intensities of each class plus neutral faces."""
+    n_subjects: int = 24
+    size: int = 128
+    intensities_px: tuple[float, ...] = (2.5, 4.0, 6.0)
+    variants: int = 2  # images per class and intensity, differing in pose jitter, blink, noise
+    neutral_per_subject: int = 6
+    jitter_px: float = 2.0
+    blink_prob: float = 0.15
+    noise_sigma: float = 1.5 / 255
+    jpeg_quality: int = 95
+
+
+@contextmanager
+def _single_threaded():
+    """Generation works on many small tensors where intra-op threads cost more than they give (and stall
+    badly when the cores are busy), so it runs on one thread and restores the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _config(cls, config, overrides):
+    config = config or cls()
+    unknown = sorted(set(overrides) - set(asdict(config)))
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; fields are {sorted(asdict(config))}")
+    return replace(config, **overrides)
+
+
+def _prepare_root(root: Path, stamp: dict, stamp_name: str, outputs: list[str]) -> bool:
+    """True when root already holds exactly this data set; otherwise clear what an earlier call made."""
+    stamp_file = root / stamp_name
+    if stamp_file.is_file():
+        if json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
+            return True
+        for name in outputs:
+            target = root / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        stamp_file.unlink()
+    elif any((root / name).exists() for name in outputs):
+        raise FileExistsError(f"{root} holds {outputs} not made by amanlib's synthetic generator; "
+                              "choose an empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _write_jpegs(frames: torch.Tensor, paths: list[Path], quality: int) -> None:
+    """frames [N, 3, H, W] in [0, 1] -> JPEG files."""
+    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).flip(1).permute(0, 2, 3, 1).numpy()  # N, H, W, BGR
+    for folder in {p.parent for p in paths}:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(image: np.ndarray, path: Path) -> None:
+        if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, quality]):
+            raise OSError(f"could not write {path}")
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # the encoder releases the GIL
+        list(pool.map(write, pixels, paths))
+
+
+def _profile(n: int, apex: int) -> np.ndarray:
+    """Expression intensity per frame: 0 at onset, rising smoothly to 1 at apex, falling back to 0 at offset."""
+    k = np.arange(n)
+    rise = np.sin(0.5 * np.pi * k / max(apex, 1)) ** 2
+    fall = np.cos(0.5 * np.pi * (k - apex) / max(n - 1 - apex, 1)) ** 2
+    return np.where(k <= apex, rise, fall)
+
+
+def _blink(n: int, rng: np.random.Generator, prob: float) -> tuple[np.ndarray, int | None]:
+    """Eyelid closure per frame (a 5-7 frame blink at a random time, or none) and its centre frame."""
+    if rng.uniform() >= prob:
+        return np.zeros(n), None
+    centre, half = int(rng.integers(0, n)), rng.uniform(2.5, 3.5)
+    return np.clip(1.6 * (1 - np.abs(np.arange(n) - centre) / half), 0, 1), centre
+
+
+def _drift(n: int, rng: np.random.Generator, max_px: float) -> np.ndarray:
+    """Slow head drift per frame, [n, 2] pixels: a smoothed random walk starting at 0."""
+    walk = np.cumsum(rng.normal(size=(n, 2)), axis=0)
+    walk = walk - walk[0]
+    scale = np.abs(walk).max()
+    return walk / scale * max_px * rng.uniform(0.3, 1.0) if scale > 0 else walk
+
+
+def _clip_plan(rng: np.random.Generator, cfg: SyntheticConfig, subject_peak: float, emotion: str, index: int) -> dict:
+    n = int(cfg.frames + rng.integers(-cfg.frames_jitter, cfg.frames_jitter + 1))
+    apex = int(round(rng.uniform(0.2, 0.7) * (n - 1)))
+    peak = float(min(subject_peak * rng.uniform(*cfg.clip_peak_jitter), cfg.max_peak_px))
+    blink, blink_at = _blink(n, rng, cfg.blink_prob)
+    t = np.arange(n)
+    flicker = cfg.flicker * (0.7 * np.sin(2 * np.pi * rng.uniform(0.05, 0.25) * t + rng.uniform(0, 2 * np.pi))
+                             + 0.3 * rng.normal(size=n))
+    onset = int(rng.integers(1, 150))
+    return {"clip": f"EP{index + 1:02d}_01", "emotion": emotion, "n": n, "onset": onset, "apex_index": apex,
+            "peak_px": peak, "intensity": _profile(n, apex) * peak, "blink": blink, "blink_at": blink_at,
+            "drift": _drift(n, rng, cfg.drift_px), "gain": 1 + flicker, "noise_seed": int(rng.integers(2**31))}
+
+
+def _render_subject(face: torch.Tensor, fields: dict[str, torch.Tensor], plans: list[dict],
+                    noise_sigma: float) -> torch.Tensor:
+    """All frames of one subject's clips in one batch: [sum of n, 3, H, W]."""
+    cat = lambda key: torch.from_numpy(np.concatenate([p[key] for p in plans])).float()  # noqa: E731
+    blink, intensity, gain, drift = cat("blink"), cat("intensity"), cat("gain"), cat("drift")  # F / F / F / F,2
+    field = torch.cat([fields[p["emotion"]].expand(p["n"], -1, -1, -1) for p in plans])  # F, 2, H, W
+    base = torch.lerp(face[0].expand(len(blink), -1, -1, -1), face[1], blink.view(-1, 1, 1, 1))  # F, 3, H, W
+    flow = intensity.view(-1, 1, 1, 1) * field + drift.view(-1, 2, 1, 1)
+    frames = warp(base, flow) * gain.view(-1, 1, 1, 1)
+    noise = torch.cat([torch.randn(p["n"], *frames.shape[1:], generator=torch.Generator().manual_seed(p["noise_seed"]))
+                       for p in plans])
+    return frames + noise_sigma * noise
+
+
+def _write_sheet(path: Path, rows: list[list]) -> None:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = "Sheet1"
+    sheet.append(SHEET_HEADER)
+    for row in rows:
+        sheet.append(row)
+    book.save(path)
+
+
+def make_synthetic(root: str | Path, seed: int = 0, config: SyntheticConfig | None = None,
+                   **overrides) -> pd.DataFrame:
+    """Write the synthetic CASME II-format set under root (skipped when root already holds the same seed and
+    config) and return its clip table with MEGC2019 labels (dataset 'synthetic'). Keyword overrides set
+    SyntheticConfig fields, e.g. make_synthetic(root, n_subjects=4). The truth per clip (peak displacement,
+    blink frame, ...) is in root/synthetic_truth.csv."""
+    cfg = _config(SyntheticConfig, config, overrides)
+    if cfg.n_subjects < 1 or cfg.clips_per_subject < 1 or cfg.frames - cfg.frames_jitter < 3 or cfg.size < 32:
+        raise ValueError(f"synthetic config too small: {cfg}")
+    root = Path(root)
+    stamp = {"generator": "amanlib.data.make_synthetic", "version": 1, "seed": seed, "config": asdict(cfg)}
+    if not _prepare_root(root, stamp, STAMP_NAME, ["Cropped", SHEET_NAME, TRUTH_NAME]):
+        with _single_threaded():
+            _generate_micro(root, seed, cfg)
+        (root / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
+    return megc2019_3class(read_casme2(root / SHEET_NAME, root / "Cropped", dataset="synthetic"))
+
+
+def _generate_micro(root: Path, seed: int, cfg: SyntheticConfig) -> None:
+    faces = [sample_face(np.random.default_rng([seed, 0, s])) for s in range(cfg.n_subjects)]
+    images = render_faces(faces, cfg.size)  # S, 2, 3, H, W
+    fields = action_fields(faces, cfg.size)  # emotion -> S, 2, H, W
+    sheet_rows, truth = [], []
+    for s in range(cfg.n_subjects):
+        rng = np.random.default_rng([seed, 2, s])
+        subject_peak = float(np.exp(rng.uniform(*np.log(cfg.subject_peak_px))))
+        classes = [list(CLASS_EMOTIONS)[(i + s) % 3] for i in range(cfg.clips_per_subject)]
+        rng.shuffle(classes)
+        emotions = [str(rng.choice(CLASS_EMOTIONS[c])) for c in classes]
+        plans = [_clip_plan(rng, cfg, subject_peak, e, i) for i, e in enumerate(emotions)]
+        frames = _render_subject(images[s], {e: f[s:s + 1] for e, f in fields.items()}, plans, cfg.noise_sigma)
+        subject = f"sub{s + 1:02d}"
+        paths = [root / "Cropped" / subject / p["clip"] / f"reg_img{p['onset'] + k}.jpg"
+                 for p in plans for k in range(p["n"])]
+        _write_jpegs(frames, paths, cfg.jpeg_quality)
+        for p in plans:
+            offset, apex = p["onset"] + p["n"] - 1, p["onset"] + p["apex_index"]
+            sheet_rows.append([s + 1, p["clip"], None, p["onset"], apex, offset, None, EMOTION_AUS[p["emotion"]],
+                               p["emotion"]])
+            truth.append({"subject": subject, "clip": p["clip"], "emotion": p["emotion"],
+                          "action_units": EMOTION_AUS[p["emotion"]], "onset": p["onset"], "apex": apex,
+                          "offset": offset, "peak_px": p["peak_px"], "subject_peak_px": subject_peak,
+                          "blink_frame": None if p["blink_at"] is None else p["onset"] + p["blink_at"],
+                          "drift_px": float(np.abs(p["drift"]).max())})
+    _write_sheet(root / SHEET_NAME, sheet_rows)
+    pd.DataFrame(truth).astype({"blink_frame": "Int64"}).to_csv(root / TRUTH_NAME, index=False)
+
+
+def read_truth(root: str | Path) -> pd.DataFrame:
+    """The per-clip truth make_synthetic wrote: emotion, action units, frames, peak_px, blink_frame, drift."""
+    path = Path(root) / TRUTH_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run make_synthetic({str(root)!r}) first")
+    return pd.read_csv(path, dtype={"subject": str, "clip": str}).astype({"blink_frame": "Int64"})
+
+
+def make_synthetic_macro(root: str | Path, seed: int = 0, config: MacroConfig | None = None,
+                         **overrides) -> pd.DataFrame:
+    """Write single images of large, clearly visible expressions (negative, positive, surprise at several
+    intensities, plus neutral) under root/macro/<subject>/ and return a table with columns
+    path, subject, emotion, label, label_name, intensity_px. The faces come from the same model as
+    make_synthetic but are other people (as FER+ holds other people than the micro-expression sets)."""
+    cfg = _config(MacroConfig, config, overrides)
+    root = Path(root)
+    stamp = {"generator": "amanlib.data.make_synthetic_macro", "version": 1, "seed": seed, "config": asdict(cfg)}
+    table = root / "macro.csv"
+    if not _prepare_root(root, stamp, MACRO_STAMP_NAME, ["macro", "macro.csv"]):
+        with _single_threaded():
+            _generate_macro(root, seed, cfg).to_csv(table, index=False)
+        (root / MACRO_STAMP_NAME).write_text(json.dumps(stamp, indent=1))
+    df = pd.read_csv(table, dtype={"subject": str, "path": str, "emotion": str, "label_name": str})
+    df["path"] = [str(root / p) for p in df["path"]]
+    return df
+
+
+def _generate_macro(root: Path, seed: int, cfg: MacroConfig) -> pd.DataFrame:
+    faces = [sample_face(np.random.default_rng([seed, 1, s])) for s in range(cfg.n_subjects)]
+    images = render_faces(faces, cfg.size)  # S, 2, 3, H, W
+    fields = action_fields(faces, cfg.size)
+    rows = []
+    for s in range(cfg.n_subjects):
+        rng = np.random.default_rng([seed, 3, s])
+        items = [(c, str(rng.choice(CLASS_EMOTIONS[c])), a) for c in CLASS_EMOTIONS for a in cfg.intensities_px
+                 for _ in range(cfg.variants)] + [("neutral", "neutral", 0.0)] * cfg.neutral_per_subject
+        n = len(items)
+        field = torch.cat([fields[e][s:s + 1] if c != "neutral" else torch.zeros_like(fields["surprise"][s:s + 1])
+                           for c, e, _ in items])  # N, 2, H, W
+        amp = torch.tensor([a * rng.uniform(0.85, 1.15) for *_, a in items], dtype=torch.float32)
+        shift = torch.from_numpy(rng.uniform(-cfg.jitter_px, cfg.jitter_px, (n, 2))).float()
+        blink = torch.from_numpy((rng.uniform(size=n) < cfg.blink_prob).astype(np.float32))
+        base = torch.lerp(images[s, 0].expand(n, -1, -1, -1), images[s, 1], blink.view(-1, 1, 1, 1))
+        frames = warp(base, amp.view(-1, 1, 1, 1) * field + shift.view(-1, 2, 1, 1))
+        noise = torch.randn(frames.shape, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+        frames = frames * torch.from_numpy(rng.uniform(0.9, 1.1, (n, 1, 1, 1))).float() + cfg.noise_sigma * noise
+        subject = f"m{s + 1:02d}"
+        names = [f"macro/{subject}/{i:02d}_{e}.jpg" for i, (_, e, _) in enumerate(items)]
+        _write_jpegs(frames, [root / p for p in names], cfg.jpeg_quality)
+        rows += [{"path": p, "subject": subject, "emotion": e, "label": MACRO_CLASSES.index(c), "label_name": c,
+                  "intensity_px": float(a)} for p, a, (c, e, _) in zip(names, amp.tolist(), items)]
+    return pd.DataFrame(rows)
