@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name amanlib --display-name "amanlib (.venv)"
 	touch $(STAMP)
 
+# The authors' magnification checkpoint: $AMANLIB_MAGNET_CHECKPOINT, else the reference copy when present,
+# else ~/.cache/amanlib (downloaded and verified on first use). ARGS passes options, e.g. ARGS="-p epochs 10".
+REFERENCE ?= $(or $(AMANLIB_REFERENCE),../shared/reference)
+MAGNET_REF := $(abspath $(REFERENCE)/magnet/learning_based_mag.pth.tar)
+
 reproduce: $(STAMP)
-	$(PY) -m amanlib run-notebooks
+	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \
+		$(PY) -m amanlib run-notebooks $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -ra

@@ -14,6 +14,12 @@ def _score(args) -> None:
         print(megc_scores(read_megc_log(path)).round(4).to_string())
 
 
+def _run_notebooks(args) -> None:
+    from .notebooks import parse_params, run_notebooks
+    params = parse_params(args.params, args.p)
+    run_notebooks(params, only=args.only, results_dir=args.results, notebooks_dir=args.notebooks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amanlib", description="AMAN micro-expression recognition kit")
     parser.add_argument("--version", action="version", version=f"amanlib {__version__}")
@@ -21,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="UF1/UAR/accuracy of MEGC2019 log files (full and per dataset)")
     score.add_argument("logs", nargs="+", help="MEGC log files ('<db> <subject>' headers, '<clip> <gt> <pred>')")
     score.set_defaults(func=_score)
+    run = sub.add_parser("run-notebooks", help="execute the notebooks headless with papermill into results/",
+                         description="Execute notebooks/NN_*.ipynb in order with papermill. Parameters go to "
+                                     "every notebook whose parameters cell defines them; an unknown name is an error.")
+    run.add_argument("--params", help="YAML file of parameters (name: value)")
+    run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="one parameter; VALUE is read as YAML (12, 0.5, [2, 4], null, text)")
+    run.add_argument("--only", help="comma-separated notebook numbers, e.g. 03,04")
+    run.add_argument("--results", default="results", help="output folder (default: results)")
+    run.add_argument("--notebooks", default=None, help="folder of the notebooks (default: the repo's notebooks/)")
+    run.set_defaults(func=_run_notebooks)
     return parser
 
 
@@ -32,7 +48,7 @@ def main(argv=None) -> int:
         return 0
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"amanlib {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

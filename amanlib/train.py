@@ -266,9 +266,7 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None, out_
     if cfg.num_workers:
         torch.set_num_threads(cfg.num_workers)
     device = resolve_device(cfg.device)
-    if cfg.frozen_layer4 and features.dim() == 6:
-        features = _cached_pool(features, cfg, out_dir, device, progress)
-    features = _place(features, device)
+    features = _place(prepare_features(features, cfg, out_dir, progress), device)
 
     done = []
     bar = tqdm(folds, desc="LOSO folds", disable=not progress)
@@ -287,11 +285,15 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None, out_
     return _collect(done, index, labels, cfg, out_dir)
 
 
-def _cached_pool(features, cfg, out_dir, device, progress) -> torch.Tensor:
-    path = out_dir / "pooled.pt"
+def prepare_features(features, cfg: TrainConfig, cache_dir: str | Path, progress: bool = True) -> torch.Tensor:
+    """With frozen_layer4, the pooled features (computed once, cached in cache_dir/pooled.pt); else as they are."""
+    features = _as_tensor(features)
+    if not (cfg.frozen_layer4 and features.dim() == 6):
+        return features
+    path = Path(cache_dir) / "pooled.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    pooled = pool_features(features, cfg.init_layer4_from, device, progress=progress)
+    pooled = pool_features(features, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress)
     torch_save_atomic(pooled, path)
     return pooled
 
@@ -350,9 +352,7 @@ def run_ablations(features, index: pd.DataFrame, factors, cfg: TrainConfig | Non
     """Run every variant with the same features, folds and settings; one table of UF1/UAR/accuracy per subset."""
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
-    features = _as_tensor(features)
-    if cfg.frozen_layer4 and features.dim() == 6:  # pool once for all variants
-        features = _cached_pool(features, cfg, out_dir, resolve_device(cfg.device), progress)
+    features = prepare_features(features, cfg, out_dir, progress)  # pooled once for all variants
     tables = []
     for v in tqdm(variants or ablation_variants(factors), desc="ablations", disable=not progress):
         vcfg = dataclasses.replace(cfg, factors=v.factors, use_alpha=v.use_alpha, use_beta=v.use_beta)

@@ -69,3 +69,48 @@ def test_extract_features_batches_and_dtype():
     torch.testing.assert_close(feats[3:4].float(), one, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="N, 3, H, W"):
         extract_features(torch.rand(3, 64, 64), trunk)
+
+
+def test_feature_cache_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+    import numpy as np
+
+    import amanlib.features as features
+    from amanlib.data import make_synthetic
+    from amanlib.magnify import load_magnifier
+
+    index = make_synthetic(tmp_path / "syn", seed=0, n_subjects=2, clips_per_subject=2)
+    trunk = ResNet18Trunk().eval()
+    mag = load_magnifier("eulerian")
+    clip = features.magnify_clip(index.iloc[0], mag, [1.0, 3.0], n_frames=2)
+    assert clip.shape[:2] == (2, 2)
+    from amanlib.data import load_clip_frames, select_frames
+    frames = load_clip_frames(select_frames(index.iloc[0], 3))[1:]
+    torch.testing.assert_close(clip[:, 0], frames)  # factor 1 is the frame itself
+    assert (clip[:, 1] - frames).abs().max() > 1e-3
+
+    real, calls = features.magnify_clip, []
+
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(features, "magnify_clip", crash_on_third)
+    args = (index, mag, trunk, [1.0, 3.0], 2, tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        features.build_feature_cache(*args, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        features.load_feature_cache(tmp_path / "cache")
+    calls.clear()
+    monkeypatch.setattr(features, "magnify_clip", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    out = features.build_feature_cache(*args, device="cpu", progress=False)
+    assert len(calls) == 2 and out.shape == (4, 2, 2, 256, 14, 14) and out.dtype == np.float16
+    cached, meta = features.load_feature_cache(tmp_path / "cache")
+    assert meta["factors"] == [1.0, 3.0] and np.abs(np.asarray(cached[3], np.float32)).sum() > 0
+    with torch.inference_mode():
+        direct = extract_features(real(index.iloc[3], mag, [1.0, 3.0], 2).flatten(0, 1), trunk, device="cpu",
+                                  progress=False)
+    np.testing.assert_allclose(cached[3].reshape(4, 256, 14, 14).astype(np.float32), direct.numpy(), atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="other settings.*factors"):
+        features.build_feature_cache(index, mag, trunk, [1.0, 5.0], 2, tmp_path / "cache", device="cpu", progress=False)

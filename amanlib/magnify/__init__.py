@@ -1,0 +1,56 @@
+"""Motion magnification of frames against the onset: magnifier(onset, frames, factors) -> [B, K, 3, H, W].
+
+Three methods behind one interface, picked by name with `load_magnifier`: the AMAN authors'
+learning-based network ("learning"), linear Eulerian ("eulerian") and phase-based ("phase").
+"""
+from __future__ import annotations
+
+from amanlib.magnify.base import Magnifier
+from amanlib.magnify.checkpoint import (
+    MAGNET_SHA256,
+    MAGNET_URL,
+    default_checkpoint_path,
+    download_magnet_checkpoint,
+    verify_checkpoint,
+)
+from amanlib.magnify.eulerian import EulerianConfig, EulerianMagnifier
+from amanlib.magnify.learning import LearningBasedMagnifier
+from amanlib.magnify.phase import PhaseConfig, PhaseMagnifier
+
+METHODS = ("learning", "eulerian", "phase")
+
+
+def load_magnifier(name: str, **kwargs) -> Magnifier:
+    """Build a magnifier by name.
+
+    learning: kwargs of `LearningBasedMagnifier.from_checkpoint` (checkpoint path as `checkpoint` or
+    `path`, `device`, `chunk_size`, `channels_last`, `autocast_dtype`); eulerian / phase: config fields
+    (e.g. `lambda_c`, `sigma`), `chunk_size`, and `device` (ignored: they run where the inputs are).
+    """
+    if name == "learning":
+        path = kwargs.pop("checkpoint", None)
+        path = kwargs.pop("path", path)
+        return LearningBasedMagnifier.from_checkpoint(path, **kwargs)
+    kwargs.pop("device", None)
+    if name == "eulerian":
+        return EulerianMagnifier(**kwargs)
+    if name == "phase":
+        return PhaseMagnifier(**kwargs)
+    raise ValueError(f"unknown magnifier {name!r}; choose one of {', '.join(METHODS)}")
+
+
+__all__ = [
+    "METHODS",
+    "MAGNET_SHA256",
+    "MAGNET_URL",
+    "EulerianConfig",
+    "EulerianMagnifier",
+    "LearningBasedMagnifier",
+    "Magnifier",
+    "PhaseConfig",
+    "PhaseMagnifier",
+    "default_checkpoint_path",
+    "download_magnet_checkpoint",
+    "load_magnifier",
+    "verify_checkpoint",
+]

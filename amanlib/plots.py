@@ -1,0 +1,155 @@
+"""Figures of the notebooks (seaborn/matplotlib); each returns a Figure, `save` writes it as a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from sklearn.metrics import confusion_matrix
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a PNG readable on its own (title and labels included), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _image(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def dataset_overview(index: pd.DataFrame, title: str = ""):
+    """Clips per class and dataset, and clips per subject."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 2]})
+    sns.countplot(data=index, x="label_name", hue="dataset", ax=axes[0])
+    axes[0].set(title="clips per class", xlabel="", ylabel="clips")
+    per_subject = index.groupby(["dataset", "subject", "label_name"]).size().rename("clips").reset_index()
+    per_subject["subject"] = per_subject["dataset"] + "/" + per_subject["subject"]
+    sns.barplot(data=per_subject, x="subject", y="clips", hue="label_name", ax=axes[1])
+    axes[1].set(title="clips per subject and class", xlabel="")
+    axes[1].tick_params(axis="x", rotation=90, labelsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def clip_strips(clips: list[tuple[str, torch.Tensor]], labels=("onset", "apex", "offset"), diff_gain: float = 10.0):
+    """One row per clip: its key frames and |apex - onset| amplified, to see where the action is."""
+    fig, axes = plt.subplots(len(clips), len(labels) + 1, figsize=(2.2 * (len(labels) + 1), 2.3 * len(clips)),
+                             squeeze=False)
+    for row, (name, frames) in zip(axes, clips):
+        for ax, frame, label in zip(row, frames, labels):
+            ax.imshow(_image(frame))
+            ax.set_title(f"{name}\n{label}" if label == labels[0] else label, fontsize=8)
+        row[-1].imshow(_image((frames[1] - frames[0]).abs().mean(0, keepdim=True).expand(3, -1, -1) * diff_gain))
+        row[-1].set_title(f"|apex - onset| x{diff_gain:g}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def magnification_grid(onset: torch.Tensor, frame: torch.Tensor, outputs: dict[str, torch.Tensor], factors,
+                       diff_gain: float = 4.0):
+    """For each method (rows, two each): magnified frames per factor, then |magnified - onset| maps."""
+    factors = list(factors)
+    fig, axes = plt.subplots(2 * len(outputs), len(factors) + 1, figsize=(1.9 * (len(factors) + 1), 3.9 * len(outputs)),
+                             squeeze=False)
+    for m, (method, out) in enumerate(outputs.items()):
+        img_row, diff_row = axes[2 * m], axes[2 * m + 1]
+        img_row[0].imshow(_image(frame))
+        img_row[0].set_title(f"{method}\nframe", fontsize=8)
+        diff_row[0].imshow(_image((frame - onset).abs().mean(0, keepdim=True).expand(3, -1, -1) * diff_gain * 4))
+        diff_row[0].set_title(f"|frame - onset| x{diff_gain * 4:g}", fontsize=8)
+        for k, f in enumerate(factors):
+            img_row[k + 1].imshow(_image(out[k]))
+            img_row[k + 1].set_title(f"x{f:g}", fontsize=8)
+            diff_row[k + 1].imshow(_image((out[k] - onset).abs().mean(0, keepdim=True).expand(3, -1, -1) * diff_gain))
+            diff_row[k + 1].set_title(f"|mag - onset| x{diff_gain:g}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: pd.DataFrame, title: str = "LOSO learning curves (mean over folds)"):
+    """Training loss and accuracy, held-out accuracy (and inner-validation UF1 when present) per epoch."""
+    cols = [c for c in ("train_loss", "train_acc", "test_acc", "val_uf1") if c in history]
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.3), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        sns.lineplot(data=history, x="epoch", y=col, errorbar=("ci", 95), ax=ax)
+        ax.set_title(col.replace("_", " "))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(predictions: pd.DataFrame, class_names, pred_col: str = "pred", title: str = ""):
+    """Counts and row-normalised confusion matrices, for all clips and for each dataset present."""
+    groups = [("all", predictions)] + ([(d, g) for d, g in predictions.groupby("dataset", sort=False)]
+                                       if predictions["dataset"].nunique() > 1 else [])
+    labels = list(range(len(class_names)))
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.8 * len(groups), 7), squeeze=False)
+    for j, (name, g) in enumerate(groups):
+        cm = confusion_matrix(g["gt"], g[pred_col], labels=labels)
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        for ax, data, fmt, sub in ((axes[0, j], cm, "d", "counts"), (axes[1, j], norm, ".2f", "normalised")):
+            sns.heatmap(data, annot=True, fmt=fmt, cbar=False, cmap="Blues", ax=ax, square=True,
+                        xticklabels=class_names, yticklabels=class_names, vmin=0)
+            ax.set(title=f"{name} ({len(g)} clips), {sub}", xlabel="predicted", ylabel="true")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def attention_by_factor(alpha: np.ndarray, factors, groups: pd.Series, title: str):
+    """Mean magnification attention alpha per factor (averaged over frames), one line per group."""
+    per_clip = alpha.mean(1)  # N, K
+    df = pd.DataFrame(per_clip, columns=[f"{f:g}" for f in factors]).assign(group=groups.to_numpy())
+    long = df.melt(id_vars="group", var_name="factor", value_name="alpha")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.pointplot(data=long, x="factor", y="alpha", hue="group", ax=ax, dodge=0.3, errorbar=("ci", 95))
+    ax.set(title=title, xlabel="magnification factor", ylabel="alpha (mean over frames)")
+    fig.tight_layout()
+    return fig
+
+
+def attention_heatmap(alpha: np.ndarray, factors, groups: pd.Series, title: str):
+    """Mean alpha per group (rows, e.g. subjects) and factor (columns)."""
+    df = pd.DataFrame(alpha.mean(1), columns=[f"{f:g}" for f in factors]).groupby(groups.to_numpy()).mean()
+    fig, ax = plt.subplots(figsize=(0.7 * len(factors) + 2, 0.28 * len(df) + 1.5))
+    sns.heatmap(df, cmap="viridis", ax=ax, cbar_kws={"label": "alpha"})
+    ax.set(title=title, xlabel="magnification factor", ylabel="")
+    fig.tight_layout()
+    return fig
+
+
+def beta_over_frames(beta: np.ndarray, groups: pd.Series, title: str = "frame attention beta"):
+    """Mean frame attention per frame position (onset side first), one line per group."""
+    df = pd.DataFrame(beta, columns=range(1, beta.shape[1] + 1)).assign(group=groups.to_numpy())
+    long = df.melt(id_vars="group", var_name="frame", value_name="beta")
+    fig, ax = plt.subplots(figsize=(6, 3.3))
+    sns.lineplot(data=long, x="frame", y="beta", hue="group", marker="o", ax=ax)
+    ax.set(title=title, xlabel="selected frame (1 = first after onset, last = apex)")
+    fig.tight_layout()
+    return fig
+
+
+def score_bars(table: pd.DataFrame, x: str, title: str, metrics=("uf1", "uar")):
+    """Grouped bars of UF1/UAR (or other columns) for the rows of a score table."""
+    long = table.melt(id_vars=[x], value_vars=list(metrics), var_name="metric", value_name="score")
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * table[x].nunique() * len(metrics)), 3.8))
+    sns.barplot(data=long, x=x, y="score", hue="metric", ax=ax)
+    ax.set(title=title, xlabel="", ylim=(0, 1))
+    ax.tick_params(axis="x", rotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,266 @@
+"""Motion magnification: the authors' outputs reproduced, batching exact, known motion magnified, bad input refused."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from amanlib.magnify import (
+    MAGNET_SHA256,
+    EulerianMagnifier,
+    LearningBasedMagnifier,
+    PhaseMagnifier,
+    download_magnet_checkpoint,
+    load_magnifier,
+    verify_checkpoint,
+)
+
+GOLDEN_FACTORS = [round(float(f), 2) for f in np.linspace(2, 12, 32)]
+
+
+# ---------------------------------------------------------------- helpers
+
+def smooth_texture(h: int, w: int, sigma: float, seed: int) -> torch.Tensor:
+    """Gaussian-blurred white noise, grey level 0.5 +- 0.12 per std, [1, 3, H, W] (channels differ)."""
+    g = torch.Generator().manual_seed(seed)
+    x = gaussian_blur(torch.randn(1, 3, h, w, generator=g), kernel_size=[2 * int(3 * sigma) + 1] * 2, sigma=[sigma] * 2)
+    return (0.5 + 0.12 * (x - x.mean()) / x.std()).clamp(0, 1)
+
+
+def fourier_shift(x: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
+    """Circular sub-pixel translation by (dy, dx): content at p moves to p + d."""
+    h, w = x.shape[-2:]
+    fy, fx = torch.fft.fftfreq(h, dtype=torch.float64)[:, None], torch.fft.rfftfreq(w, dtype=torch.float64)[None]
+    ramp = torch.exp(-2j * math.pi * (fy * dy + fx * dx))
+    return torch.fft.irfft2(torch.fft.rfft2(x.double()) * ramp, s=(h, w)).to(x.dtype)
+
+
+def global_translation(ref: torch.Tensor, moved: torch.Tensor, margin: int = 12, iters: int = 30) -> torch.Tensor:
+    """Iterative Lucas-Kanade for one translation d with moved(p) ~ ref(p - d); [dy, dx], borders ignored."""
+    ref, moved = ref.double().mean(-3)[0], moved.double().mean(-3)[0]  # H, W grey
+    inner = (slice(margin, -margin), slice(margin, -margin))
+    gy, gx = (g[inner] for g in torch.gradient(ref))
+    A = torch.stack([torch.stack([(gy * gy).sum(), (gy * gx).sum()]), torch.stack([(gy * gx).sum(), (gx * gx).sum()])])
+    d = torch.zeros(2, dtype=torch.float64)
+    for _ in range(iters):
+        err = (fourier_shift(moved, -d[0].item(), -d[1].item()) - ref)[inner]
+        step = torch.linalg.solve(A, -torch.stack([(gy * err).sum(), (gx * err).sum()]))
+        d = d + step
+        if step.abs().max() < 1e-7:
+            break
+    return d
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+@pytest.fixture(scope="module")
+def magnet(request):
+    from conftest import reference_path
+
+    return LearningBasedMagnifier.from_checkpoint(reference_path("magnet", "learning_based_mag.pth.tar"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def face_pair():
+    """The CASME II onset/apex pair at its native 282x231 (odd width), [1, 3, H, W] in [0, 1]."""
+    from conftest import reference_path
+
+    tt = transforms.ToTensor()
+    names = ("reg_img46.jpg", "reg_img59.jpg")
+    return tuple(tt(Image.open(reference_path("magnet", "frames", n)).convert("RGB"))[None] for n in names)
+
+
+# ---------------------------------------------------------------- learning-based
+
+@pytest.mark.slow
+def test_learning_reproduces_all_32_golden_images(magnet, reference):
+    """The authors' demo: both frames Resize((384, 384)) on PIL, all 32 factors; each output >= 40 dB vs their JPEG."""
+    tt = transforms.Compose([transforms.Resize((384, 384)), transforms.ToTensor()])
+    onset, apex = (tt(Image.open(reference("magnet", "frames", n)))[None] for n in ("reg_img46.jpg", "reg_img59.jpg"))
+    out = magnet(onset, apex, GOLDEN_FACTORS)  # 1, 32, 3, 384, 384
+    assert out.shape == (1, 32, 3, 384, 384)
+    ours = out[0].mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # save_image's rounding
+    scores = {}
+    for k, f in enumerate(GOLDEN_FACTORS):
+        golden = np.asarray(Image.open(reference("magnet", "golden", f"amp_{f}.jpg")).convert("RGB"))
+        scores[f] = psnr(ours[k], golden)
+    assert min(scores.values()) >= 40.0, scores
+    # the factor matters: an output compared with the wrong factor's golden image scores clearly lower
+    golden_12 = np.asarray(Image.open(reference("magnet", "golden", "amp_12.0.jpg")).convert("RGB"))
+    assert psnr(ours[0], golden_12) < scores[12.0] - 5
+
+
+def test_learning_batched_equals_per_factor(magnet, face_pair):
+    onset, apex = (F.interpolate(x, size=(66, 54), mode="bilinear", antialias=True).clamp(0, 1) for x in face_pair)
+    batch_o, batch_a = torch.cat([onset, apex.flip(-1)]), torch.cat([apex, onset.flip(-1)])  # B = 2
+    factors = [0.5, 1.0, 3.0, 7.5, 20.0]
+    batched = LearningBasedMagnifier(magnet.net, chunk_size=16)(batch_o, batch_a, factors)  # one decoder pass
+    single = torch.cat([magnet(batch_o, batch_a, [f]) for f in factors], dim=1)
+    assert batched.shape == (2, 5, 3, 66, 54)
+    torch.testing.assert_close(batched, single, atol=2e-5, rtol=0)
+    chunked = LearningBasedMagnifier(magnet.net, chunk_size=4)(batch_o, batch_a, factors)  # 2 + 2 + 1 factors
+    torch.testing.assert_close(chunked, batched, atol=2e-5, rtol=0)
+    assert (batched[:, 4] - batched[:, 2]).abs().max() > 0.05  # the factor changes the output
+
+
+def test_learning_factor_one_reconstructs_frame_at_odd_size(magnet, face_pair):
+    onset, apex = face_pair  # 282 x 231: padded to a multiple of 4 inside, cropped back
+    out = magnet(onset, apex, [1.0])
+    assert out.shape == (1, 1, 3, 282, 231)
+    mse = ((out[:, 0] - apex) ** 2).mean().item()
+    assert 10 * math.log10(1 / mse) > 35
+    assert not out.is_inference() and out.min() >= 0 and out.max() <= 1
+
+
+def test_learning_bf16_autocast_close_to_fp32(magnet, face_pair):
+    onset, apex = (F.interpolate(x, size=(64, 64), mode="area") for x in face_pair)
+    bf16 = LearningBasedMagnifier(magnet.net, autocast_dtype=torch.bfloat16, channels_last=True)
+    plain = LearningBasedMagnifier(magnet.net, channels_last=False)
+    a, b = bf16(onset, apex, [2.0, 6.0]), plain(onset, apex, [2.0, 6.0])
+    assert a.dtype == torch.float32
+    assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
+    assert not torch.equal(a, b)  # autocast really ran in bf16
+
+
+# ---------------------------------------------------------------- checkpoint handling
+
+def test_missing_checkpoint_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        LearningBasedMagnifier.from_checkpoint(tmp_path / "nope.pth.tar")
+    msg = str(err.value)
+    assert "nope.pth.tar" in msg and "github.com/weimengting/AMAN" in msg
+    assert "mag_imple/learning_based_mag.pth.tar" in msg and MAGNET_SHA256 in msg
+
+
+@pytest.mark.parametrize("content", ["text", "torch-dict", "wrong-weights"])
+def test_not_a_checkpoint_is_refused_naming_the_file(tmp_path, content):
+    path = tmp_path / f"{content}.pth.tar"
+    if content == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif content == "torch-dict":
+        torch.save({"epoch": 3}, path)
+    else:
+        torch.save({"state_dict": {"module.encoder.conv1.weight": torch.zeros(16, 3, 7, 7)}}, path)
+    with pytest.raises(ValueError, match=str(path.name)):
+        load_magnifier("learning", checkpoint=path, device="cpu")
+
+
+def test_checkpoint_verification_and_download_path(tmp_path, reference):
+    real = reference("magnet", "learning_based_mag.pth.tar")
+    assert verify_checkpoint(real) == real
+    fake = tmp_path / "fake.pth.tar"
+    fake.write_bytes(b"\0" * 1000)
+    with pytest.raises(ValueError, match="fake.pth.tar"):
+        verify_checkpoint(fake)
+    # the download helper, fed a local file:// URL (no network in tests)
+    (tmp_path / "ckpt").mkdir()
+    got = download_magnet_checkpoint(tmp_path / "ckpt", url=real.as_uri())  # a folder: the file goes inside
+    assert got == tmp_path / "ckpt" / "learning_based_mag.pth.tar" and verify_checkpoint(got) == got
+    dest = tmp_path / "bad" / "weights.pth.tar"
+    with pytest.raises(ValueError, match="SHA-256"):
+        download_magnet_checkpoint(dest, url=fake.as_uri())
+    assert not dest.exists() and not any(dest.parent.iterdir())  # nothing half-written left behind
+
+
+# ---------------------------------------------------------------- Eulerian and phase-based
+
+CLASSIC = [
+    pytest.param(lambda: EulerianMagnifier(lambda_c=8.0), id="eulerian"),
+    pytest.param(lambda: PhaseMagnifier(), id="phase"),
+]
+
+
+@pytest.mark.parametrize("make", CLASSIC)
+def test_factor_one_is_identity(make, face_pair):
+    onset, apex = face_pair  # odd width
+    out = make()(onset, apex, [1.0, 4.0])
+    assert out.shape == (1, 2, 3, 282, 231)
+    assert (out[:, 0] - apex).abs().max() < 0.02
+    assert (out[:, 1] - apex).abs().max() > 0.05  # and factor 4 is not
+
+
+@pytest.mark.parametrize("make", CLASSIC)
+@pytest.mark.parametrize("size", [(128, 128), (97, 131)], ids=["128x128", "97x131"])
+def test_known_motion_is_magnified(make, size):
+    """A sub-pixel Fourier shift d of a smooth texture, magnified by a, moves by a*d (within 25 %)."""
+    d = torch.tensor([0.2, -0.1], dtype=torch.float64)
+    onset = smooth_texture(*size, sigma=3.0, seed=0)
+    frame = fourier_shift(onset, *d.tolist()).clamp(0, 1)
+    assert torch.allclose(global_translation(onset, frame), d, atol=2e-3)  # the estimator itself is right
+    factors = [2.0, 3.0, 4.0]
+    out = make()(onset, frame, factors)
+    for k, a in enumerate(factors):
+        measured = global_translation(onset, out[:, k])
+        assert torch.linalg.norm(measured - a * d) < 0.25 * a * torch.linalg.norm(d), (a, measured.tolist())
+
+
+def test_eulerian_cutoff_attenuates_fine_motion():
+    """lambda_c bounds amplification: with a cut-off far above the texture's wavelengths, little is added."""
+    onset = smooth_texture(128, 128, sigma=4.0, seed=1)
+    frame = fourier_shift(onset, 0.2, 0.0).clamp(0, 1)
+    shifts = [
+        global_translation(onset, EulerianMagnifier(lambda_c=lc)(onset, frame, [4.0])[:, 0])[0].item()
+        for lc in (8.0, 64.0)
+    ]
+    assert shifts[0] > 0.6 and 0.18 < shifts[1] < 0.45, shifts  # 0.2 = the unmagnified shift
+
+
+@pytest.mark.parametrize("make", CLASSIC)
+def test_classic_batched_equals_per_factor(make):
+    onset = torch.cat([smooth_texture(64, 72, 3.0, s) for s in (2, 3)])  # B = 2
+    frames = torch.cat([fourier_shift(onset[:1], 0.3, 0.1), fourier_shift(onset[1:], -0.2, 0.4)]).clamp(0, 1)
+    magnifier = make()
+    factors = [0.5, 1.0, 2.5, 8.0]
+    batched = magnifier(onset, frames, factors)
+    single = torch.cat([magnifier(onset, frames, [f]) for f in factors], dim=1)
+    assert batched.shape == (2, 4, 3, 64, 72)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[1:], magnifier(onset[1:], frames[1:], factors), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("name", ["eulerian", "phase"])
+def test_bad_input_gets_clear_errors(name):
+    m = load_magnifier(name)
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        m(x, torch.rand(2, 3, 32, 30), [2.0])
+    with pytest.raises(ValueError, match=r"frames values must lie in \[0, 1\]"):
+        m(x, x * 255, [2.0])
+    with pytest.raises(ValueError, match=r"onset values must lie in \[0, 1\]"):
+        m(x - 0.5, x, [2.0])
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        m(x[:, :1], x[:, :1], [2.0])
+    with pytest.raises(ValueError, match="float"):
+        m((x * 255).to(torch.uint8), (x * 255).to(torch.uint8), [2.0])
+    with pytest.raises(ValueError, match="factors"):
+        m(x, x, [])
+    with pytest.raises(ValueError, match="finite"):
+        m(x, x, [2.0, float("nan")])
+    with pytest.raises(ValueError, match="onset values"):
+        m(torch.full_like(x, float("nan")), x, [2.0])
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="'optical'.*learning, eulerian, phase"):
+        load_magnifier("optical")
+
+
+def test_load_magnifier_builds_each_method(reference):
+    ckpt = reference("magnet", "learning_based_mag.pth.tar")
+    assert isinstance(load_magnifier("learning", checkpoint=ckpt, device="cpu"), LearningBasedMagnifier)
+    assert load_magnifier("eulerian", lambda_c=30.0).config.lambda_c == 30.0
+    assert load_magnifier("phase", sigma=0.0, device="cpu").config.sigma == 0.0
+
+
+def test_default_checkpoint_location_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMANLIB_MAGNET_CHECKPOINT", str(tmp_path / "here.pth.tar"))
+    with pytest.raises(FileNotFoundError, match="here.pth.tar"):
+        load_magnifier("learning", device="cpu")
