@@ -23,10 +23,10 @@ from .runtime import autocast, resolve_device, seed_everything, torch_save_atomi
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 4
+    epochs: int = 10
     crop: int = 160  # train on random crops of the 224x224 images: faces keep the scale of feature extraction
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3  # peak of the one-cycle schedule
     weight_decay: float = 1e-4
     val_subjects: int = 4  # held-out subjects for the accuracy we report
     seed: int = 0

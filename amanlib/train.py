@@ -105,9 +105,14 @@ class _Fold:
     """One fold's training: a fresh model, RMSprop + StepLR, predictions on the test rows after every epoch."""
 
     def __init__(self, cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, fit_rows: np.ndarray | None = None):
         self.cfg, self.features, self.labels, self.device = cfg, features, labels, device
         self.pooled = features.dim() == 4
+        self.shift, self.scale = 0.0, 1.0
+        if self.pooled:  # frozen layer4: standardise each of the 512 channels with this fold's training clips
+            fit = features[torch.as_tensor(fit_rows if fit_rows is not None else np.arange(len(features)))]
+            fit = fit.to(device, torch.float32).flatten(0, 2)  # n*F*K, 512
+            self.shift, self.scale = fit.mean(0), fit.std(0).clamp(min=1e-6)
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.model = AMAN(num_classes, in_channels=256 if self.pooled else features.shape[3],
@@ -129,7 +134,7 @@ class _Fold:
         x = self.features[rows.to(self.features.device)]
         if self.cfg.factors is not None:
             x = x[:, :, list(self.cfg.factors)]
-        return x.to(self.device, torch.float32, non_blocking=True)
+        return (x.to(self.device, torch.float32, non_blocking=True) - self.shift) / self.scale
 
     def logits(self, x: torch.Tensor):
         with autocast(self.device, self.amp):
@@ -182,7 +187,7 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
     """Train one fold from scratch; return the chosen epoch's predictions and attention plus the history."""
     val_rows = _inner_val_subject(index, train_rows, seed) if cfg.protocol == "inner_val" else np.array([], int)
     fit_rows = np.setdiff1d(train_rows, val_rows)
-    fold = _Fold(cfg, features, labels, num_classes, device, seed)
+    fold = _Fold(cfg, features, labels, num_classes, device, seed, fit_rows)
     gt = labels[test_rows].numpy()
     history, per_epoch = [], []
     best_val, best_epoch = -1.0, None

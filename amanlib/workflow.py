@@ -84,7 +84,7 @@ def class_names(index: pd.DataFrame) -> list[str]:
 
 
 def choose_backbone(backbone: str, results_dir, fer_checkpoint=None, seed: int = 0, data_dir="data",
-                    pretrain_epochs: int = 3, device="auto") -> dict:
+                    pretrain_epochs: int = 10, device="auto") -> dict:
     """Pick the trunk: 'fer' (the user's FER+ file), 'synthetic_macro' (the kit's pre-training), 'random',
     or 'auto' (FER+ when a path is given, else synthetic_macro). Returns {trunk, name, checkpoint, note}."""
     from .pretrain import PretrainConfig, pretrain_trunk
@@ -96,7 +96,7 @@ def choose_backbone(backbone: str, results_dir, fer_checkpoint=None, seed: int =
                 "note": f"FER+ ResNet-18 from {path}, as in the paper"}
     if backbone == "synthetic_macro":
         macro = data.make_synthetic_macro(Path(data_dir) / "synthetic_macro", seed=seed)
-        path = work_dir(results_dir) / f"trunk_synthetic_macro_seed{seed}.pth"
+        path = work_dir(results_dir) / f"trunk_synthetic_macro_seed{seed}_e{pretrain_epochs}.pth"
         summary = pretrain_trunk(macro, path, PretrainConfig(epochs=pretrain_epochs, seed=seed, device=device))
         return {"trunk": load_trunk(path), "name": "synthetic_macro", "checkpoint": str(path),
                 "note": (f"NOT the paper's FER+ backbone: ResNet-18 pre-trained by the kit on {len(macro)} synthetic "
