@@ -93,6 +93,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per method (the first is a warm-up)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="results/bench/train.csv")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak (bf16 on GPUs) in TFLOP/s, to print the share reached")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -138,6 +140,9 @@ def main(argv=None):
                          "s_per_epoch": seconds, "est_composite_loso_h": seconds * scale / 3600})
     table = pd.DataFrame(rows_out)
     table["speedup_vs_baseline"] = table.s_per_epoch.iloc[0] / table.s_per_epoch
+    table["achieved_gflop_s"] = [step * N / t / 1e9 for t in table.s_per_epoch[:2]] + [float("nan")]
+    if args.peak_tflops:
+        table["share_of_peak"] = table.achieved_gflop_s / (args.peak_tflops * 1e3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
