@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,12 @@ def loso_folds(index: pd.DataFrame) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 def _as_tensor(features) -> torch.Tensor:
     """Accept a tensor or a NumPy array/memmap of shape [N, F, K, C, H, W] (or pooled [N, F, K, 512])."""
-    t = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    if isinstance(features, torch.Tensor):
+        t = features
+    else:
+        with warnings.catch_warnings():  # a read-only memmap is fine: features are only ever read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(np.asarray(features))
     if t.dim() not in (4, 6):
         raise ValueError(f"features must be [N, F, K, C, H, W] (or pooled [N, F, K, 512]), got {tuple(t.shape)}")
     return t
