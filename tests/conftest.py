@@ -19,3 +19,18 @@ def reference_path(*parts: str) -> Path:
 @pytest.fixture
 def reference():
     return reference_path
+
+
+def count_calls(monkeypatch, module, name: str, real, crash_on: int | None = None) -> list:
+    """Replace module.name by a wrapper of `real` that records each call; call number `crash_on` raises
+    KeyboardInterrupt, standing in for a Ctrl-C in the middle of a long run. Returns the list of calls."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_on:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls

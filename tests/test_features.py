@@ -5,6 +5,7 @@ import torch
 from torchvision.models import resnet18
 
 from amanlib.features import ResNet18Trunk, extract_features, load_fer_checkpoint, load_trunk, preprocess
+from conftest import count_calls
 
 
 def fer_like_checkpoint(path, seed=0):
@@ -88,22 +89,14 @@ def test_feature_cache_resumes_and_refuses_other_settings(tmp_path, monkeypatch)
     torch.testing.assert_close(clip[:, 0], frames)  # factor 1 is the frame itself
     assert (clip[:, 1] - frames).abs().max() > 1e-3
 
-    real, calls = features.magnify_clip, []
-
-    def crash_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(features, "magnify_clip", crash_on_third)
+    real = features.magnify_clip
+    count_calls(monkeypatch, features, "magnify_clip", real, crash_on=3)
     args = (index, mag, trunk, [1.0, 3.0], 2, tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
         features.build_feature_cache(*args, device="cpu", progress=False)
     with pytest.raises(ValueError, match="incomplete"):
         features.load_feature_cache(tmp_path / "cache")
-    calls.clear()
-    monkeypatch.setattr(features, "magnify_clip", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, features, "magnify_clip", real)
     out = features.build_feature_cache(*args, device="cpu", progress=False)
     assert len(calls) == 2 and out.shape == (4, 2, 2, 256, 14, 14) and out.dtype == np.float16
     cached, meta = features.load_feature_cache(tmp_path / "cache")

@@ -8,6 +8,7 @@ import torch
 import amanlib.train as train
 from amanlib.metrics import accuracy, read_megc_log
 from amanlib.train import TrainConfig, ablation_variants, loso_folds, run_ablations, run_loso
+from conftest import count_calls
 
 
 def toy_index(n_subjects=5, per_subject=6, seed=0, datasets=("casme2",)):
@@ -100,21 +101,13 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
     cfg = TrainConfig(**FAST)
     full = run_loso(x, index, cfg, tmp_path / "full", progress=False)
 
-    real, calls = train.train_fold, []
-
-    def crash_on_third(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(train, "train_fold", crash_on_third)
+    real = train.train_fold
+    count_calls(monkeypatch, train, "train_fold", real, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_loso(x, index, cfg, tmp_path / "resumed", progress=False)
     assert len(list((tmp_path / "resumed" / "folds").glob("*.pt"))) == 2
     assert not list((tmp_path / "resumed" / "folds").glob(".*"))  # no half-written files
-    calls.clear()
-    monkeypatch.setattr(train, "train_fold", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    calls = count_calls(monkeypatch, train, "train_fold", real)
     resumed = run_loso(x, index, cfg, tmp_path / "resumed", progress=False)
     assert len(calls) == 2  # only the two unfinished folds ran
     pd.testing.assert_frame_equal(resumed.predictions.drop(columns=["alpha", "beta"]),
