@@ -47,7 +47,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
     results_dir = Path(results_dir).resolve()
     params.setdefault("results_dir", str(results_dir))
     books = notebook_list(notebooks_dir, only)
-    declared = {b: {p for p in pm.inspect_notebook(str(b))} for b in books}
+    declared = {b: set(pm.inspect_notebook(str(b))) for b in books}
     unknown = set(params) - set().union(*declared.values())
     if unknown:
         raise ValueError(f"parameters {sorted(unknown)} are not defined by any of "

@@ -44,8 +44,7 @@ def load_dataset(dataset: str = "synthetic", protocol: str = "megc2019_3class", 
                                            _need(casme2_frames, "casme2_frames", dataset), on_missing=on_missing),
         "samm": lambda: data.read_samm(_need(samm_codes, "samm_codes", dataset),
                                        _need(samm_frames, "samm_frames", dataset), on_missing=on_missing),
-        "smic": lambda: data.fill_apex(data.read_smic(_need(smic_hs, "smic_hs", dataset), on_missing=on_missing),
-                                       method=apex_method),
+        "smic": lambda: data.read_smic(_need(smic_hs, "smic_hs", dataset), on_missing=on_missing),
     }
     if dataset == "composite":
         if protocol != "megc2019_3class":
@@ -55,6 +54,7 @@ def load_dataset(dataset: str = "synthetic", protocol: str = "megc2019_3class", 
         index = PROTOCOLS[protocol](read[dataset]())
     if gt_csv is not None:
         data.validate_against_gt(index, gt_csv).raise_if_mismatch()
+    # SMIC has no apex, and CASME II's '/' apexes are read as missing: estimate them for the selected clips only
     return data.fill_apex(index, method=apex_method) if index["apex"].isna().any() else index
 
 
