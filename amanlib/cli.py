@@ -17,7 +17,8 @@ def _score(args) -> None:
 def _run_notebooks(args) -> None:
     from .notebooks import parse_params, run_notebooks
     params = parse_params(args.params, args.p)
-    run_notebooks(params, only=args.only, results_dir=args.results, notebooks_dir=args.notebooks)
+    run_notebooks(params, only=args.only, results_dir=args.results, notebooks_dir=args.notebooks,
+                  cell_timeout=args.cell_timeout, echo=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", help="comma-separated notebook numbers, e.g. 03,04")
     run.add_argument("--results", default="results", help="output folder (default: results)")
     run.add_argument("--notebooks", default=None, help="folder of the notebooks (default: the repo's notebooks/)")
+    run.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                     help="stop with an error when one cell runs longer (default: no limit)")
+    run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
     run.set_defaults(func=_run_notebooks)
     return parser
 

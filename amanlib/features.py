@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision import models, transforms
-from tqdm.auto import tqdm
 
 from .data import load_clip_frames, select_frames
 from .model import load_state_file
-from .runtime import atomic_write, resolve_device
+from .runtime import atomic_write, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 6
     device = resolve_device(device)
     trunk = trunk.to(device).eval()
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
         batch = preprocess(images[start:start + batch_size].to(device, torch.float32))
         out.append(trunk(batch.contiguous(memory_format=torch.channels_last)).to("cpu", dtype))
     return torch.cat(out) if out else torch.empty(0, 256, 14, 14, dtype=dtype)
@@ -151,7 +150,7 @@ def build_feature_cache(index, magnifier, trunk: nn.Module, factors, n_frames: i
         magnifier = magnifier.to(device)
     todo = np.flatnonzero(~done)
     rows = index.reset_index(drop=True)
-    for i in tqdm(todo, desc="magnify + features", disable=not progress or not len(todo)):
+    for i in progress_bar(todo, desc="magnify + features", disable=not progress or not len(todo)):
         with torch.inference_mode():
             clip = magnify_clip(rows.loc[i], magnifier, meta["factors"], n_frames, size, device)  # F, K, 3, H, W
         feats = extract_features(clip.flatten(0, 1), trunk, batch_size, device, torch.float16, progress=False)

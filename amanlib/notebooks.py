@@ -1,11 +1,15 @@
 """Headless execution of the numbered notebooks with papermill, parameters checked against each notebook."""
 from __future__ import annotations
 
+import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import papermill as pm
 import yaml
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -37,11 +41,28 @@ def notebook_list(notebooks_dir: str | Path | None = None, only: str | None = No
     return books
 
 
+@contextmanager
+def _headless_env():
+    """Kernels started inside inherit AMANLIB_PROGRESS=text (unless the user chose otherwise): plain-text
+    progress bars that stream to this terminal instead of widgets nobody sees."""
+    before = os.environ.get("AMANLIB_PROGRESS")
+    os.environ.setdefault("AMANLIB_PROGRESS", "text")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("AMANLIB_PROGRESS", None)
+
+
 def run_notebooks(params: dict | None = None, only: str | None = None, results_dir: str | Path = "results",
-                  notebooks_dir: str | Path | None = None, log=print) -> list[Path]:
+                  notebooks_dir: str | Path | None = None, cell_timeout: float | None = None,
+                  echo: bool = True, log=print) -> list[Path]:
     """Execute the notebooks in order into results_dir/notebooks; stop at the first failing cell.
 
     `results_dir` is passed to every notebook (as an absolute path) so figures and metrics land beside them.
+    Headless, so `show_widgets` defaults to False. `cell_timeout` (seconds) turns a cell that never
+    finishes into an error naming the notebook and cell; `echo` streams the kernels' output (progress
+    included) to this process's stdout/stderr as it comes.
     """
     params = dict(params or {})
     results_dir = Path(results_dir).resolve()
@@ -52,6 +73,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
     if unknown:
         raise ValueError(f"parameters {sorted(unknown)} are not defined by any of "
                          f"{[b.name for b in books]}; see their 'parameters' cells")
+    params.setdefault("show_widgets", False)
     out_dir = results_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -59,13 +81,20 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
         mine = {k: v for k, v in params.items() if k in declared[book]}
         log(f"running {book.name} with {mine}")
         start = time.perf_counter()
+        kept = (f"executed notebook kept at {out_dir / book.name}; completed notebooks before it are in {out_dir}")
         try:
-            pm.execute_notebook(str(book), str(out_dir / book.name), parameters=mine, cwd=str(book.parent),
-                                progress_bar=False, kernel_name="python3", start_timeout=120)
+            with _headless_env():
+                pm.execute_notebook(str(book), str(out_dir / book.name), parameters=mine, cwd=str(book.parent),
+                                    progress_bar=False, kernel_name="python3", start_timeout=120,
+                                    execution_timeout=cell_timeout, stdout_file=sys.stdout if echo else None,
+                                    stderr_file=sys.stderr if echo else None)
         except pm.PapermillExecutionError as e:
-            raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-                               f"(executed notebook kept at {out_dir / book.name}; "
-                               f"completed notebooks before it are in {out_dir})") from None
+            raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} ({kept})") from None
+        except CellTimeoutError:
+            raise RuntimeError(f"{book.name}: a cell ran longer than cell_timeout={cell_timeout} s and was "
+                               f"stopped ({kept})") from None
+        except DeadKernelError as e:
+            raise RuntimeError(f"{book.name}: the kernel died ({e}); out of memory? ({kept})") from None
         log(f"finished {book.name} in {time.perf_counter() - start:.0f} s")
         done.append(out_dir / book.name)
     return done

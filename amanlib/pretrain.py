@@ -14,11 +14,10 @@ import pandas as pd
 import torch
 from torchvision import models
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from .data import load_clip_frames
 from .features import preprocess
-from .runtime import autocast, resolve_device, seed_everything, torch_save_atomic
+from .runtime import autocast, progress_bar, resolve_device, seed_everything, torch_save_atomic
 
 
 @dataclass
@@ -63,7 +62,7 @@ def pretrain_trunk(macro: pd.DataFrame, out_path: str | Path, cfg: PretrainConfi
     augment = v2.Compose([v2.RandomCrop(cfg.crop), v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=5)])
     center = v2.CenterCrop(cfg.crop)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(total=steps, desc="pre-training trunk on synthetic macro", disable=not progress)
+    bar = progress_bar(total=steps, desc="pre-training trunk on synthetic macro", disable=not progress)
     for _ in range(cfg.epochs):
         net.train()
         order = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm as auto_tqdm
+from tqdm.std import tqdm as std_tqdm
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -20,6 +22,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar: a widget in JupyterLab, plain text when AMANLIB_PROGRESS=text (headless papermill runs,
+    where widget bars only add comm traffic and render as 'HBox(...)'), none when AMANLIB_PROGRESS=off."""
+    mode = os.environ.get("AMANLIB_PROGRESS", "auto")
+    if mode not in ("auto", "text", "off"):
+        raise ValueError(f"AMANLIB_PROGRESS={mode!r}: expected auto, text or off")
+    if mode == "off":
+        kwargs["disable"] = True
+    if mode == "text":
+        kwargs.setdefault("mininterval", 5.0)
+        return std_tqdm(iterable, **kwargs)
+    return auto_tqdm(iterable, **kwargs)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .metrics import megc_scores, scores, uar, uf1, write_megc_log
 from .model import AMAN
-from .runtime import atomic_write, autocast, resolve_device, torch_save_atomic
+from .runtime import atomic_write, autocast, progress_bar, resolve_device, torch_save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
     gt = labels[test_rows].numpy()
     history, per_epoch = [], []
     best_val, best_epoch = -1.0, None
-    for epoch in tqdm(range(cfg.epochs), desc="epochs", leave=False, disable=not progress):
+    for epoch in progress_bar(range(cfg.epochs), desc="epochs", leave=False, disable=not progress):
         lr = fold.optimizer.param_groups[0]["lr"]
         loss, acc = fold.train_epoch(fit_rows)
         pred, alpha, beta = fold.predict(test_rows)
@@ -228,7 +227,7 @@ def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device
     else:
         log.warning("frozen layer4 with RANDOM weights: no init_layer4_from checkpoint was given")
     out = [model.pool(features[s:s + chunk].to(device, torch.float32)).cpu()
-           for s in tqdm(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)]
+           for s in progress_bar(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)]
     return torch.cat(out)
 
 
@@ -280,7 +279,7 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None, out_
     features = _place(prepare_features(features, cfg, out_dir, progress), device)
 
     done = []
-    bar = tqdm(folds, desc="LOSO folds", disable=not progress)
+    bar = progress_bar(folds, desc="LOSO folds", disable=not progress)
     for i, (name, test_rows, train_rows) in enumerate(bar):
         path = out_dir / "folds" / f"{name.replace('/', '_')}.pt"
         if path.exists():
@@ -365,7 +364,7 @@ def run_ablations(features, index: pd.DataFrame, factors, cfg: TrainConfig | Non
     out_dir = Path(out_dir)
     features = prepare_features(features, cfg, out_dir, progress)  # pooled once for all variants
     tables = []
-    for v in tqdm(variants or ablation_variants(factors), desc="ablations", disable=not progress):
+    for v in progress_bar(variants or ablation_variants(factors), desc="ablations", disable=not progress):
         vcfg = dataclasses.replace(cfg, factors=v.factors, use_alpha=v.use_alpha, use_beta=v.use_beta)
         slug = "".join(c if c.isalnum() else "_" for c in v.name.lower())
         res = run_loso(features, index, vcfg, out_dir / slug, progress=progress)

@@ -1,4 +1,5 @@
 """The notebooks: committed clean, and executed end to end by papermill on tiny parameters."""
+import io
 import json
 import os
 from pathlib import Path
@@ -49,8 +50,35 @@ def test_a_failing_cell_names_notebook_and_error(tmp_path):
     assert (tmp_path / "out" / "notebooks" / "01_fails.ipynb").exists()
 
 
+def test_a_cell_that_never_finishes_is_stopped_with_a_clear_error(tmp_path):
+    book = nbformat.v4.new_notebook()
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("results_dir = '.'")
+    params.metadata["tags"] = ["parameters"]
+    book.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
+    (tmp_path / "nb").mkdir()
+    nbformat.write(book, tmp_path / "nb" / "01_hangs.ipynb")
+    with pytest.raises(RuntimeError, match=r"01_hangs.ipynb: a cell ran longer than cell_timeout=3"):
+        run_notebooks({}, results_dir=tmp_path / "out", notebooks_dir=tmp_path / "nb", cell_timeout=3)
+
+
+def test_progress_bars_follow_amanlib_progress(monkeypatch):
+    from tqdm.std import tqdm as text_bar
+    from amanlib.runtime import progress_bar
+    monkeypatch.setenv("AMANLIB_PROGRESS", "text")
+    out = io.StringIO()
+    bar = progress_bar(range(3), desc="folds", file=out)
+    assert type(bar) is text_bar and bar.mininterval == 5.0 and list(bar) == [0, 1, 2]
+    assert "folds: 100%" in out.getvalue()
+    monkeypatch.setenv("AMANLIB_PROGRESS", "off")
+    assert progress_bar(range(3)).disable
+    monkeypatch.setenv("AMANLIB_PROGRESS", "widgets")
+    with pytest.raises(ValueError, match="AMANLIB_PROGRESS='widgets'"):
+        progress_bar(range(3))
+
+
 @pytest.mark.slow
-def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch):
+def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, capsys):
     magnet = REFERENCE / "magnet" / "learning_based_mag.pth.tar"
     learning = magnet.exists()  # CI has it; elsewhere the classic magnifiers stand in (said in the test name below)
     if learning:
@@ -63,12 +91,15 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch):
         "backbone": "random", "epochs": 2, "other_logs": str(logs) if logs.exists() else None,
     }
     results = tmp_path / "results"
-    done = run_notebooks(params, results_dir=results)
+    done = run_notebooks(params, results_dir=results, cell_timeout=600)
     assert [p.stem for p in done] == EXPECTED
     for path in done:
         book = nbformat.read(path, as_version=4)
-        errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-        assert not errors
+        outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+        widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert not widgets, f"{path.name}: a headless run made widgets (progress bars or interact)"
+    assert "LOSO folds" in capsys.readouterr().err  # text progress streamed from the kernels
     figures = {p.name for p in (results / "figures").glob("*.png")}
     for name in ["01_dataset_overview.png", "01_onset_apex_offset.png", "02_magnification.png",
                  "04_learning_curves.png", "04_ablations.png", "05_confusion.png", "05_alpha_by_class.png",

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from ..runtime import progress_bar
 from .frames import clip_frame_paths
 
 Box = tuple[int, int, int, int]  # x, y, width, height
@@ -113,7 +113,7 @@ def crop_faces(df: pd.DataFrame, out_root: str | Path, detector: Detector | None
     detector = detector or HaarFaceDetector()
     out = df.copy()
     folders = []
-    for _, row in tqdm(df.iterrows(), total=len(df), desc="cropping faces", disable=not progress):
+    for _, row in progress_bar(df.iterrows(), total=len(df), desc="cropping faces", disable=not progress):
         folder = Path(out_root) / str(row["subject"]) / str(row["clip"])
         crop_clip(clip_frame_paths(row), folder, detector, margin, size,
                   name=f"{row['dataset']} clip {row['subject']}/{row['clip']}")

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torchvision.transforms.functional import gaussian_blur
-from tqdm.auto import tqdm
 
+from ..runtime import progress_bar
 from .readers import frame_index
 
 ApexMethod = Literal["diff", "middle"]
@@ -119,7 +119,7 @@ def fill_apex(df: pd.DataFrame, method: ApexMethod = "diff", size: int = 128, pr
     `options`); frames are read shrunk to size x size, plenty to find the apex and much faster."""
     out = df.copy()
     todo = out.index[out["apex"].isna()]
-    for i in tqdm(todo, desc="estimating apex", disable=not progress or len(todo) == 0):
+    for i in progress_bar(todo, desc="estimating apex", disable=not progress or len(todo) == 0):
         row = out.loc[i]
         if method == "middle":
             index = (int(row["offset"]) - int(row["onset"])) // 2
