@@ -81,7 +81,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
         mine = {k: v for k, v in params.items() if k in declared[book]}
         log(f"running {book.name} with {mine}")
         start = time.perf_counter()
-        kept = (f"executed notebook kept at {out_dir / book.name}; completed notebooks before it are in {out_dir}")
+        kept = f"executed notebook kept at {out_dir / book.name}; completed notebooks before it are in {out_dir}"
         try:
             with _headless_env():
                 pm.execute_notebook(str(book), str(out_dir / book.name), parameters=mine, cwd=str(book.parent),
@@ -90,9 +90,10 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
                                     stderr_file=sys.stderr if echo else None)
         except pm.PapermillExecutionError as e:
             raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} ({kept})") from None
-        except CellTimeoutError:
+        except CellTimeoutError as e:
+            cell = " ".join(str(e).split("preview of the cell contents:")[-1].split())[:200]
             raise RuntimeError(f"{book.name}: a cell ran longer than cell_timeout={cell_timeout} s and was "
-                               f"stopped ({kept})") from None
+                               f"stopped: {cell} ({kept})") from None
         except DeadKernelError as e:
             raise RuntimeError(f"{book.name}: the kernel died ({e}); out of memory? ({kept})") from None
         log(f"finished {book.name} in {time.perf_counter() - start:.0f} s")
