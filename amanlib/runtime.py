@@ -24,17 +24,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+class _TextBar(std_tqdm):
+    """Plain-text bar for logs: at most one line per `mininterval`, postfix updates included."""
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def progress_bar(iterable=None, **kwargs):
-    """A tqdm bar: a widget in JupyterLab, plain text when AMANLIB_PROGRESS=text (headless papermill runs,
-    where widget bars only add comm traffic and render as 'HBox(...)'), none when AMANLIB_PROGRESS=off."""
+    """A tqdm bar: a widget in JupyterLab; with AMANLIB_PROGRESS=text (headless papermill runs, where widgets
+    only add comm traffic) a plain-text line every 5 s for the lasting bars, transient ones (leave=False)
+    hidden; none with AMANLIB_PROGRESS=off."""
     mode = os.environ.get("AMANLIB_PROGRESS", "auto")
     if mode not in ("auto", "text", "off"):
         raise ValueError(f"AMANLIB_PROGRESS={mode!r}: expected auto, text or off")
-    if mode == "off":
+    if mode == "off" or (mode == "text" and kwargs.get("leave") is False):
         kwargs["disable"] = True
     if mode == "text":
         kwargs.setdefault("mininterval", 5.0)
-        return std_tqdm(iterable, **kwargs)
+        return _TextBar(iterable, **kwargs)
     return auto_tqdm(iterable, **kwargs)
 
 

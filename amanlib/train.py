@@ -254,7 +254,7 @@ def _check_resume(out_dir: Path, record: dict) -> None:
 
 
 def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None, out_dir: str | Path = "results/work/loso",
-             progress: bool = True) -> LOSOResult:
+             progress: bool = True, leave: bool = True) -> LOSOResult:
     """Leave-one-subject-out over `index` (columns dataset, subject, clip, label) with features [N, F, K, ...].
 
     Writes folds/<fold>.pt as each finishes, then predictions.csv, attention.npz, history.csv, scores.csv
@@ -279,7 +279,7 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None, out_
     features = _place(prepare_features(features, cfg, out_dir, progress), device)
 
     done = []
-    bar = progress_bar(folds, desc="LOSO folds", disable=not progress)
+    bar = progress_bar(folds, desc="LOSO folds", disable=not progress, leave=leave)
     for i, (name, test_rows, train_rows) in enumerate(bar):
         path = out_dir / "folds" / f"{name.replace('/', '_')}.pt"
         if path.exists():
@@ -364,10 +364,12 @@ def run_ablations(features, index: pd.DataFrame, factors, cfg: TrainConfig | Non
     out_dir = Path(out_dir)
     features = prepare_features(features, cfg, out_dir, progress)  # pooled once for all variants
     tables = []
-    for v in progress_bar(variants or ablation_variants(factors), desc="ablations", disable=not progress):
+    bar = progress_bar(variants or ablation_variants(factors), desc="ablations", disable=not progress)
+    for v in bar:
         vcfg = dataclasses.replace(cfg, factors=v.factors, use_alpha=v.use_alpha, use_beta=v.use_beta)
         slug = "".join(c if c.isalnum() else "_" for c in v.name.lower())
-        res = run_loso(features, index, vcfg, out_dir / slug, progress=progress)
+        res = run_loso(features, index, vcfg, out_dir / slug, progress=progress, leave=False)
+        bar.set_postfix(last=v.name, uf1=f"{res.scores.loc['full', 'uf1']:.3f}")
         tables.append(res.scores.drop(columns="protocol").rename_axis("subset").reset_index().assign(variant=v.name))
     table = pd.concat(tables, ignore_index=True)[["variant", "subset", "uf1", "uar", "accuracy", "n"]]
     table["model"] = "AMAN, frozen layer4" if cfg.frozen_layer4 else "AMAN"
