@@ -88,7 +88,8 @@ def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 6
     device = resolve_device(device)
     trunk = trunk.to(device).eval()
     out = []
-    for start in progress_bar(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
+    starts = range(0, len(images), batch_size)
+    for start in progress_bar(starts, desc="features", disable=not progress, leave=False):
         batch = preprocess(images[start:start + batch_size].to(device, torch.float32))
         out.append(trunk(batch.contiguous(memory_format=torch.channels_last)).to("cpu", dtype))
     return torch.cat(out) if out else torch.empty(0, 256, 14, 14, dtype=dtype)

@@ -84,7 +84,7 @@ def learning_curves(history: pd.DataFrame, title: str = "LOSO learning curves (m
     cols = [c for c in ("train_loss", "train_acc", "test_acc", "val_uf1") if c in history]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.3), squeeze=False)
     for ax, col in zip(axes[0], cols):
-        sns.lineplot(data=history, x="epoch", y=col, errorbar=("ci", 95), ax=ax)
+        sns.lineplot(data=history, x="epoch", y=col, errorbar=("ci", 95), seed=0, ax=ax)
         ax.set_title(col.replace("_", " "))
     fig.suptitle(title)
     fig.tight_layout()
@@ -115,7 +115,7 @@ def attention_by_factor(alpha: np.ndarray, factors, groups: pd.Series, title: st
     df = pd.DataFrame(per_clip, columns=[f"{f:g}" for f in factors]).assign(group=groups.to_numpy())
     long = df.melt(id_vars="group", var_name="factor", value_name="alpha")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    sns.pointplot(data=long, x="factor", y="alpha", hue="group", ax=ax, dodge=0.3, errorbar=("ci", 95))
+    sns.pointplot(data=long, x="factor", y="alpha", hue="group", ax=ax, dodge=0.3, errorbar=("ci", 95), seed=0)
     ax.set(title=title, xlabel="magnification factor", ylabel="alpha (mean over frames)")
     fig.tight_layout()
     return fig
@@ -136,7 +136,7 @@ def beta_over_frames(beta: np.ndarray, groups: pd.Series, title: str = "frame at
     df = pd.DataFrame(beta, columns=range(1, beta.shape[1] + 1)).assign(group=groups.to_numpy())
     long = df.melt(id_vars="group", var_name="frame", value_name="beta")
     fig, ax = plt.subplots(figsize=(6, 3.3))
-    sns.lineplot(data=long, x="frame", y="beta", hue="group", marker="o", ax=ax)
+    sns.lineplot(data=long, x="frame", y="beta", hue="group", marker="o", seed=0, ax=ax)
     ax.set(title=title, xlabel="selected frame (1 = first after onset, last = apex)")
     fig.tight_layout()
     return fig

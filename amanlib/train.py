@@ -226,8 +226,8 @@ def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device
         model.load_layer4(layer4_from)
     else:
         log.warning("frozen layer4 with RANDOM weights: no init_layer4_from checkpoint was given")
-    out = [model.pool(features[s:s + chunk].to(device, torch.float32)).cpu()
-           for s in progress_bar(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)]
+    starts = progress_bar(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)
+    out = [model.pool(features[s:s + chunk].to(device, torch.float32)).cpu() for s in starts]
     return torch.cat(out)
 
 
