@@ -37,30 +37,30 @@ def test_params_and_selection(tmp_path):
         run_notebooks({"epoch_count": 3}, results_dir=tmp_path)
 
 
-def test_a_failing_cell_names_notebook_and_error(tmp_path):
+def _one_cell_notebooks(folder: Path, name: str, source: str) -> Path:
+    """A folder holding one numbered notebook: a parameters cell, then `source`."""
     book = nbformat.v4.new_notebook()
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell("results_dir = '.'")
     params.metadata["tags"] = ["parameters"]
-    book.cells = [params, nbformat.v4.new_code_cell("raise KeyError('no such clip sub99/EP01')")]
-    (tmp_path / "nb").mkdir()
-    nbformat.write(book, tmp_path / "nb" / "01_fails.ipynb")
+    book.cells = [params, nbformat.v4.new_code_cell(source)]
+    folder.mkdir()
+    nbformat.write(book, folder / name)
+    return folder
+
+
+def test_a_failing_cell_names_notebook_and_error(tmp_path):
+    books = _one_cell_notebooks(tmp_path / "nb", "01_fails.ipynb", "raise KeyError('no such clip sub99/EP01')")
     with pytest.raises(RuntimeError, match=r"01_fails.ipynb failed in cell .*KeyError.*sub99/EP01"):
-        run_notebooks({}, results_dir=tmp_path / "out", notebooks_dir=tmp_path / "nb")
+        run_notebooks({}, results_dir=tmp_path / "out", notebooks_dir=books)
     assert (tmp_path / "out" / "notebooks" / "01_fails.ipynb").exists()
 
 
 def test_a_cell_that_never_finishes_is_stopped_with_a_clear_error(tmp_path):
-    book = nbformat.v4.new_notebook()
-    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell("results_dir = '.'")
-    params.metadata["tags"] = ["parameters"]
-    book.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
-    (tmp_path / "nb").mkdir()
-    nbformat.write(book, tmp_path / "nb" / "01_hangs.ipynb")
+    books = _one_cell_notebooks(tmp_path / "nb", "01_hangs.ipynb", "import time\ntime.sleep(600)")
     with pytest.raises(RuntimeError, match=r"01_hangs.ipynb: a cell ran longer than cell_timeout=3 s "
                                            r"and was stopped: .*time.sleep\(600\)"):
-        run_notebooks({}, results_dir=tmp_path / "out", notebooks_dir=tmp_path / "nb", cell_timeout=3)
+        run_notebooks({}, results_dir=tmp_path / "out", notebooks_dir=books, cell_timeout=3)
 
 
 def test_progress_bars_follow_amanlib_progress(monkeypatch):
