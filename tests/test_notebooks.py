@@ -113,6 +113,8 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     assert metrics["dataset"] == "synthetic" and metrics["protocol"] == "fixed" and metrics["clips"] == 9
     assert metrics["model"] == "AMAN, frozen layer4" and metrics["backbone"] == "random"
     assert metrics["factors"] == [1.0, 2.0, 4.0]
+    assert (results / metrics["run_dir"] / "aman" / "predictions.csv").exists()
+    assert not Path(metrics["run_dir"]).is_absolute()  # the results folder can be moved or committed
     for key in ("uf1", "uar", "accuracy"):
         assert 0 <= metrics[key] <= 1
     assert set(metrics["ablations"]) == {"AMAN", "magnification attention only", "frame attention only",
