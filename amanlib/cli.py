@@ -1,10 +1,33 @@
-"""Command line: `python -m amanlib <command>`; each command is a thin call into the library."""
+"""Command line: `python -m amanlib <command>`; each command is a thin call into the library.
+
+Every error a user can cause (a bad parameter or file, a malformed params file, a folder that is not
+writable, disk full, a notebook that fails) is one line "amanlib <command>: error: ..." on stderr and exit
+code 2, with no traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import sys
 
 from . import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (argparse prints the usage first), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _score(args) -> None:
@@ -22,37 +45,59 @@ def _run_notebooks(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amanlib", description="AMAN micro-expression recognition kit")
+    parser = _Parser(prog="amanlib", description="AMAN micro-expression recognition kit")
     parser.add_argument("--version", action="version", version=f"amanlib {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     score = sub.add_parser("score", help="UF1/UAR/accuracy of MEGC2019 log files (full and per dataset)")
     score.add_argument("logs", nargs="+", help="MEGC log files ('<db> <subject>' headers, '<clip> <gt> <pred>')")
     score.set_defaults(func=_score)
     run = sub.add_parser("run-notebooks", help="execute the notebooks headless with papermill into results/",
-                         description="Execute notebooks/NN_*.ipynb in order with papermill. Parameters go to "
-                                     "every notebook whose parameters cell defines them; an unknown name is an error.")
+                         description="Execute notebooks/NN_*.ipynb in order with papermill. Parameters are "
+                                     "checked before the first notebook starts and go to every notebook whose "
+                                     "parameters cell defines them; an unknown name is an error, a name only "
+                                     "notebooks left out by --only read is dropped with a note.")
     run.add_argument("--params", help="YAML file of parameters (name: value)")
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="one parameter; VALUE is read as YAML (12, 0.5, [2, 4], null, text)")
+                     help="one parameter; VALUE is read as YAML (12, 0.5, 1e-3, [2, 4], null, text)")
     run.add_argument("--only", help="comma-separated notebook numbers, e.g. 03,04")
-    run.add_argument("--results", default="results", help="output folder (default: results)")
+    run.add_argument("--results", default=None,
+                     help="output folder (default: the results_dir parameter, else results); locked while running")
     run.add_argument("--notebooks", default=None, help="folder of the notebooks (default: the repo's notebooks/)")
-    run.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+    run.add_argument("--cell-timeout", type=_seconds, default=None, metavar="SECONDS",
                      help="stop with an error when one cell runs longer (default: no limit)")
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
     run.set_defaults(func=_run_notebooks)
     return parser
 
 
+def _message(e: Exception) -> str:
+    """One line: an OSError from the system as "file: what happened", anything else as its text."""
+    if isinstance(e, OSError) and e.strerror:
+        what = e.strerror
+        if e.errno in errno.errorcode and errno.errorcode[e.errno] not in what:
+            what += f" ({errno.errorcode[e.errno]})"
+        if e.filename is not None:
+            target = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+            text = f"{target}: {what}"
+        else:
+            text = what
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (2), --help and --version (0)
+        return e.code if isinstance(e.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"amanlib {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
+        print(f"amanlib {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     return 0

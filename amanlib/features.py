@@ -1,82 +1,30 @@
-"""The ResNet-18 feature trunk (conv1 .. layer3: 224x224 -> 256x14x14) and batched feature extraction."""
+"""Magnification + trunk features per clip (224x224 -> 256x14x14 per image) into the keyed feature cache."""
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
+import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision import models, transforms
 
-from .data import load_clip_frames, select_frames
-from .model import load_state_file
+from .backbone import preprocess
+from .cache import KEY_FILE, KEY_LENGTH, STAMP_FILE, Entry, file_digest, tensor_digest
+from .data import load_clip_frames, select_frame_numbers, select_frames
+from .results import save_json
 from .runtime import atomic_write, progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
-
-preprocess = transforms.Compose([
-    transforms.Resize((224, 224), antialias=True),
-    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-])
-"""Tensor [N, 3, H, W] in [0, 1] -> [N, 3, 224, 224], ImageNet-normalised (as in the authors' extraction)."""
-
-
-class ResNet18Trunk(nn.Module):
-    """conv1, bn1, relu, maxpool, layer1-3 of torchvision's ResNet-18; optionally layer4 too (for pre-training)."""
-
-    def __init__(self, with_layer4: bool = False):
-        super().__init__()
-        resnet = models.resnet18(weights=None)
-        for name in TRUNK_LAYERS + (("layer4",) if with_layer4 else ()):
-            setattr(self, name, getattr(resnet, name))
-        self.source = "random"  # what the weights are: 'random', a checkpoint path, ...
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in TRUNK_LAYERS:
-            x = getattr(self, name)(x)
-        return x  # N, 256, 14, 14 for 224x224 input
-
-
-def load_fer_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
-    """Load Emotion-FAN's FER+ ResNet-18 (`Resnet18_FER+_pytorch.pth.tar`) or any ResNet-18 state dict.
-
-    'module.' prefixes are stripped, fc.* is skipped, layer4.* is kept only where `module` has a layer4.
-    Every parameter of `module` must be found in the file, so a wrong file cannot half-load silently.
-    """
-    state = load_state_file(path)
-    target = module.state_dict()
-    has_layer4 = any(k.startswith("layer4.") for k in target)
-    state = {k: v for k, v in state.items()
-             if not k.startswith("fc.") and (has_layer4 or not k.startswith("layer4."))}
-    missing = [k for k in target if k not in state]
-    if missing:
-        raise ValueError(f"{path}: not a ResNet-18 checkpoint (FER+ of Emotion-FAN, keys 'module.conv1.weight', ...); "
-                         f"{len(missing)} weights of the trunk are missing, e.g. {missing[:3]}")
-    bad = [k for k in target if state[k].shape != target[k].shape]
-    if bad:
-        raise ValueError(f"{path}: shapes differ from ResNet-18 for {bad[:3]} "
-                         f"({tuple(state[bad[0]].shape)} vs {tuple(target[bad[0]].shape)})")
-    module.load_state_dict({k: state[k] for k in target})
-    module.source = str(path)
-    return module
-
-
-def load_trunk(checkpoint: str | Path | None = None, allow_random: bool = False) -> ResNet18Trunk:
-    """A trunk from a checkpoint; without one only if allow_random, and then with a loud warning."""
-    trunk = ResNet18Trunk()
-    if checkpoint is not None:
-        return load_fer_checkpoint(trunk, checkpoint).eval()
-    if not allow_random:
-        raise ValueError("no trunk checkpoint given: pass the FER+ checkpoint (Resnet18_FER+_pytorch.pth.tar), "
-                         "the kit's own pre-trained trunk, or allow_random=True")
-    log.warning("ResNet-18 trunk has RANDOM weights: features will be weak and results not comparable to the paper")
-    return trunk.eval()
+CURRENT = "current.json"  # under the features root: the key of the cache built last
+BACKBONE_FILE = "backbone.json"  # in a cache folder: the trunk's name and checkpoint file (not part of the key)
+DEFAULT_FACTORS = [2.0, 3.25, 4.5, 5.75, 7.0, 8.25, 9.5, 10.75, 12.0]  # 9 over 2-12
 
 
 @torch.inference_mode()
@@ -112,62 +60,178 @@ def magnify_clip(row, magnifier, factors, n_frames: int, size: int | None = None
     return out
 
 
-def _cache_meta(index, factors, n_frames, size, magnifier_name, trunk) -> dict:
-    return {"clips": [f"{d}/{s}/{c}" for d, s, c in zip(index["dataset"], index["subject"], index["clip"])],
-            "factors": [float(f) for f in factors], "n_frames": int(n_frames), "size": size,
-            "magnifier": magnifier_name, "trunk": getattr(trunk, "source", "unknown")}
+def clip_inputs(row, n_frames: int) -> dict:
+    """What decides one clip's features: its name, frame numbers and the bytes of every frame read."""
+    numbers = select_frame_numbers(int(row["onset"]), int(row["apex"]), n_frames + 1)
+    paths = select_frames(row, n_frames + 1)
+    return {"clip": f"{row['dataset']}/{row['subject']}/{row['clip']}", "frames": [int(n) for n in numbers],
+            "files": [[p.name, file_digest(p)] for p in paths]}
 
 
-def build_feature_cache(index, magnifier, trunk: nn.Module, factors, n_frames: int, out_dir: str | Path,
+def magnifier_inputs(magnifier, name: str) -> dict:
+    """A magnifier's identity: its name, class, config, weights' digest and compute dtype."""
+    config = getattr(magnifier, "config", None)
+    weights = magnifier.state_dict() if isinstance(magnifier, nn.Module) else {}
+    return {"name": name, "class": type(magnifier).__name__,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
+            "weights": tensor_digest(weights) if weights else None,
+            "dtype": str(getattr(magnifier, "autocast_dtype", None))}
+
+
+def trunk_inputs(trunk: nn.Module) -> dict:
+    """A trunk's identity: its weights' digest and BatchNorm mode (running statistics, eval)."""
+    return {"weights": tensor_digest(trunk.state_dict()), "bn": "running"}
+
+
+@dataclass
+class FeatureCache:
+    """A finished feature cache: features [N, F, K, 256, 14, 14] float16 (read-only memmap) and its key."""
+
+    features: np.memmap
+    key: str
+    path: Path
+    inputs: dict = field(repr=False)
+
+    @property
+    def factors(self) -> list[float]:
+        return self.inputs["factors"]
+
+    @property
+    def backbone(self) -> dict:
+        """name, checkpoint (where layer4 can start from; None for a random trunk) and note of the trunk."""
+        return json.loads((self.path / BACKBONE_FILE).read_text())
+
+    @property
+    def clips(self) -> list[str]:
+        return [c["clip"] for c in self.inputs["clips"]]
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Check the free space and allocate the file's blocks now: a full disk fails here with a clear error,
+    before any work, never later by SIGBUS in the middle of a memmap write."""
+    allocated = path.stat().st_blocks * 512 if path.exists() else 0  # a fresh memmap file is sparse
+    free = shutil.disk_usage(path.parent).free
+    if nbytes - allocated > free:
+        raise OSError(errno.ENOSPC, f"the feature cache needs {nbytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
+                                    "free; free some space or pass another results_dir", str(path.parent))
+    if path.exists() and hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, nbytes)
+
+
+def factor_set(factors=None, include_unmagnified: bool = True) -> list[float]:
+    """The factors to cache: the given ones (default 9 over 2-12, the authors' demo range), with the
+    unmagnified frame (factor 1) first when asked, for the no-magnification ablation."""
+    chosen = DEFAULT_FACTORS if factors is None else [float(f) for f in factors]
+    magnified = [f for f in chosen if f != 1.0]
+    if not magnified:
+        raise ValueError(f"factors {list(chosen)} hold no factor > 1: AMAN would be left without magnified factors")
+    return ([1.0] if include_unmagnified else []) + magnified
+
+
+def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root: str | Path,
                         magnifier_name: str = "", size: int | None = None, batch_size: int = 64, device="auto",
-                        progress: bool = True) -> np.memmap:
-    """Magnify every clip and run the trunk: float16 memmap [N, F, K, 256, 14, 14] in out_dir/features.f16.
+                        progress: bool = True) -> FeatureCache:
+    """Magnify every clip and run the trunk into root/<key>/features.f16 ([N, F, K, 256, 14, 14] float16).
 
-    Clips already done (out_dir/done.npy) are skipped, so an interrupted run resumes where it stopped; a
-    cache built with other settings (meta.json) is an error rather than a silent mix.
+    The key covers every frame file read (by content), onset/apex, factors, magnifier, size and trunk, so
+    changed inputs get a folder of their own. Clips already done are skipped: an interrupted run resumes.
+    `backbone` is an amanlib.backbone.Backbone (its name and checkpoint are kept with the cache, for
+    layer4) or a bare trunk module.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = _cache_meta(index, factors, n_frames, size, magnifier_name, trunk)
-    meta_path, done_path, data_path = out_dir / "meta.json", out_dir / "done.npy", out_dir / "features.f16"
-    shape = (len(index), n_frames, len(meta["factors"]), 256, 14, 14)
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            diff = [k for k in meta if old.get(k) != meta[k]]
-            raise ValueError(f"{out_dir} holds features built with other settings ({', '.join(diff)}); "
-                             "use another folder or delete it")
-        done = np.load(done_path)
-        mode = "r+"
+    trunk = getattr(backbone, "trunk", backbone)
+    factors = [float(f) for f in factors]
+    if not factors or not all(np.isfinite(factors)) or min(factors) < 1:
+        raise ValueError(f"build_feature_cache: factors must be finite numbers >= 1, got {factors}")
+    if n_frames < 1 or batch_size < 1:
+        raise ValueError(f"build_feature_cache: n_frames and batch_size must be >= 1, got {n_frames}, {batch_size}")
+    rows = index.reset_index(drop=True)
+    inputs = {"clips": [clip_inputs(row, n_frames) for _, row in rows.iterrows()], "factors": factors,
+              "n_frames": int(n_frames), "size": size, "magnifier": magnifier_inputs(magnifier, magnifier_name),
+              "trunk": {"name": getattr(backbone, "name", "unnamed"), **trunk_inputs(trunk)}}
+    entry = Entry(root, inputs, "features")
+    if not entry.done:
+        with entry.writing():
+            _fill(entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress)
+    checkpoint = getattr(backbone, "checkpoint", None)
+    save_json({"name": inputs["trunk"]["name"], "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+               "note": getattr(backbone, "note", "")}, entry.path / BACKBONE_FILE)
+    _point_to(entry)
+    return _open(entry.path, entry.key)
+
+
+def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress) -> None:
+    if entry.done:  # finished by another run while we waited for the lock
+        return
+    shape = (len(rows), n_frames, len(factors), 256, 14, 14)
+    done_path, data_path = entry.path / "done.npy", entry.path / "features.f16"
+    if done_path.exists() and data_path.exists():
+        done, mode = np.load(done_path), "r+"
     else:
-        done = np.zeros(len(index), bool)
-        mode = "w+"
+        done, mode = np.zeros(len(rows), bool), "w+"
+    _reserve(data_path, 4096 + int(np.prod(shape)) * 2)  # header (at most 4 kB) + float16 data
     data = np.lib.format.open_memmap(data_path, mode=mode, dtype=np.float16, shape=shape)
+    _reserve(data_path, data.offset + data.nbytes)
     if mode == "w+":
         atomic_write(done_path, lambda tmp: np.save(tmp, done))
-        atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     device = resolve_device(device)
     if hasattr(magnifier, "to"):
         magnifier = magnifier.to(device)
     todo = np.flatnonzero(~done)
-    rows = index.reset_index(drop=True)
     for i in progress_bar(todo, desc="magnify + features", disable=not progress or not len(todo)):
         with torch.inference_mode():
-            clip = magnify_clip(rows.loc[i], magnifier, meta["factors"], n_frames, size, device)  # F, K, 3, H, W
+            clip = magnify_clip(rows.loc[i], magnifier, factors, n_frames, size, device)  # F, K, 3, H, W
         feats = extract_features(clip.flatten(0, 1), trunk, batch_size, device, torch.float16, progress=False)
+        if not torch.isfinite(feats).all():
+            raise ValueError(f"clip {entry.inputs['clips'][i]['clip']}: its features hold NaN or inf (magnified "
+                             "images out of range?); nothing of it was cached")
         data[i] = feats.view(shape[1:]).numpy()
         data.flush()
         done[i] = True
         atomic_write(done_path, lambda tmp: np.save(tmp, done))
-    return np.lib.format.open_memmap(data_path, mode="r")
+    entry.finish({"shape": list(shape)})
 
 
-def load_feature_cache(out_dir: str | Path):
-    """(features memmap [N, F, K, 256, 14, 14], meta dict) of a finished cache; an error if it is incomplete."""
-    out_dir = Path(out_dir)
-    if not (out_dir / "meta.json").exists():
-        raise FileNotFoundError(f"no feature cache in {out_dir}: run notebook 03 (build_feature_cache) first")
-    done = np.load(out_dir / "done.npy")
-    if not done.all():
-        raise ValueError(f"feature cache {out_dir} is incomplete ({done.sum()}/{len(done)} clips): re-run notebook 03")
-    return np.lib.format.open_memmap(out_dir / "features.f16", mode="r"), json.loads((out_dir / "meta.json").read_text())
+def _open(path: Path, key: str) -> FeatureCache:
+    return FeatureCache(np.lib.format.open_memmap(path / "features.f16", mode="r"), key, path,
+                        json.loads((path / KEY_FILE).read_text())["inputs"])
+
+
+def _point_to(entry: Entry) -> None:
+    """Record which cache notebook 03 built last, for notebook 04 (which checks it against the clip table)."""
+    atomic_write(entry.root / CURRENT, lambda tmp: tmp.write_text(json.dumps({"key": entry.key}) + "\n"))
+
+
+def load_feature_cache(root: str | Path, index=None) -> FeatureCache:
+    """The feature cache last built under root; with `index`, checked clip by clip (names, frames and frame
+    bytes) against that clip table, so features are never paired with other clips or labels."""
+    root = Path(root)
+    pointer = root / CURRENT
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no feature cache in {root}: build it first (notebook 03_feature_extraction, "
+                                "amanlib.features.build_feature_cache)")
+    key = json.loads(pointer.read_text())["key"]
+    path = root / key[:KEY_LENGTH]
+    if not (path / STAMP_FILE).is_file():
+        raise ValueError(f"feature cache {path} is incomplete: run notebook 03_feature_extraction again "
+                         "(it resumes where it stopped)")
+    cache = _open(path, key)
+    if index is not None:
+        check_matches(cache, index)
+    return cache
+
+
+def check_matches(cache: FeatureCache, index) -> None:
+    """Raise when the clip table is not the one the features were built from (order, clips or frames)."""
+    rows = index.reset_index(drop=True)
+    n_frames = cache.inputs["n_frames"]
+    if len(rows) != len(cache.inputs["clips"]):
+        raise ValueError(f"the clip table has {len(rows)} clips but the features in {cache.path} were built for "
+                         f"{len(cache.inputs['clips'])}: run notebook 03_feature_extraction again")
+    for i, row in rows.iterrows():
+        if clip_inputs(row, n_frames) != cache.inputs["clips"][i]:
+            raise ValueError(f"row {i} of the clip table ({row['dataset']}/{row['subject']}/{row['clip']}) is not "
+                             f"what the features in {cache.path} were built from (clip "
+                             f"{cache.inputs['clips'][i]['clip']}"
+                             "; rows reordered, frames or onset/apex changed?): run notebook 03_feature_extraction "
+                             "again")

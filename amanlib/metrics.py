@@ -11,6 +11,7 @@ from .runtime import atomic_write
 CLASSES = ("negative", "positive", "surprise")  # composite labels 0, 1, 2
 SUBSETS = ("smic", "casme2", "samm")
 LOG_COLUMNS = ["dataset", "subject", "clip", "gt", "pred"]
+LOG_DATASETS = SUBSETS + ("synthetic",)  # the <db> of a fold header in an MEGC log
 
 
 def uf1(y_true, y_pred) -> float:
@@ -47,23 +48,39 @@ def megc_scores(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _log_lines(path: Path) -> list[str]:
+    """The lines of a log file (a UTF-8 BOM dropped); a directory, a missing or a non-text file is an error."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the log files inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"MEGC log {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text, so not an MEGC log ({err})") from None
+
+
 def read_megc_log(path: str | Path) -> pd.DataFrame:
-    """Parse an MEGC2019 log: '<db> <subject>' fold headers, then '<clip> <gt> <pred>' lines; '#' starts a comment."""
+    """Parse an MEGC2019 log: '<db> <subject>' fold headers (db one of LOG_DATASETS), then '<clip> <gt> <pred>'
+    lines; '#' starts a comment. Any other line is an error naming the file, the line number and the line."""
     path = Path(path)
     rows, fold = [], None
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_log_lines(path), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
-        if len(parts) == 2:
+        if len(parts) == 2 and parts[0] in LOG_DATASETS:
             fold = parts
-        elif len(parts) == 3 and fold is not None:
+        elif len(parts) == 3 and fold is None:
+            raise ValueError(f"{path}:{lineno}: clip line {line!r} before any '<db> <subject>' fold header")
+        elif len(parts) == 3:
             try:
                 rows.append([*fold, parts[0], int(parts[1]), int(parts[2])])
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: gt and pred must be integers, got {line!r}") from None
         else:
-            raise ValueError(f"{path}:{lineno}: expected '<db> <subject>' or '<clip> <gt> <pred>', got {line!r}")
+            raise ValueError(f"{path}:{lineno}: expected '<db> <subject>' (db one of {', '.join(LOG_DATASETS)}) or "
+                             f"'<clip> <gt> <pred>', got {line!r}")
     if not rows:
         raise ValueError(f"{path}: no prediction lines found (is this an MEGC log?)")
     return pd.DataFrame(rows, columns=LOG_COLUMNS)
@@ -82,3 +99,19 @@ def write_megc_log(df: pd.DataFrame, path: str | Path, comment: str | None = Non
         lines.append(f"{dataset} {subject}")
         lines += [f"{c} {int(g)} {int(p)}" for c, g, p in zip(part["clip"], part["gt"], part["pred"])]
     return atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+
+
+def megc_logs(folder: str | Path | None) -> dict[Path, pd.DataFrame]:
+    """Every MEGC2019 log (*.txt) in a folder, read; {} for None."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"other_logs: {folder} is not a folder of MEGC2019 logs (*.txt)")
+    return {path: read_megc_log(path) for path in sorted(folder.glob("*.txt"))}
+
+
+def compare_logs(ours: pd.DataFrame, logs: dict[Path, pd.DataFrame], our_name: str) -> pd.DataFrame:
+    """megc_scores of our predictions and of each log, one table with a 'method' column."""
+    return pd.concat([megc_scores(ours).assign(method=our_name)]
+                     + [megc_scores(df).assign(method=path.stem) for path, df in logs.items()])

@@ -11,31 +11,13 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from .checkpoints import check_architecture, read_state_dict
+
 
 def make_layer4(in_channels: int = 256) -> nn.Sequential:
     """ResNet-18 layer4: two BasicBlocks, in_channels -> 512, stride 2 (torchvision naming)."""
     downsample = nn.Sequential(conv1x1(in_channels, 512, stride=2), nn.BatchNorm2d(512))
     return nn.Sequential(BasicBlock(in_channels, 512, stride=2, downsample=downsample), BasicBlock(512, 512))
-
-
-def _unwrap_state_dict(obj, path) -> dict:
-    """Accept a plain state dict or {'state_dict': ...}; strip the 'module.' prefix DataParallel adds."""
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict or a dict with a 'state_dict' entry of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_state_file(path: str | Path) -> dict:
-    """Read a checkpoint file (weights_only) and return its state dict without 'module.' prefixes."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
-    return _unwrap_state_dict(obj, path)
 
 
 class AMAN(nn.Module):
@@ -54,11 +36,16 @@ class AMAN(nn.Module):
             self.load_layer4(init_layer4_from)
 
     def load_layer4(self, path: str | Path) -> None:
-        """Start layer4 from a pre-trained ResNet-18 checkpoint (FER+ or the kit's own trunk)."""
-        state = {k.removeprefix("layer4."): v for k, v in load_state_file(path).items() if k.startswith("layer4.")}
+        """Start layer4 from a pre-trained ResNet-18 checkpoint (FER+ or the kit's own trunk); its layer4.* must be
+        exactly ResNet-18's, but num_batches_tracked may be absent (old FER+ files)."""
+        state = {k: v for k, v in read_state_dict(path, "ResNet-18 checkpoint").items() if k.startswith("layer4.")}
         if not state:
             raise ValueError(f"{path}: no 'layer4.*' weights in this checkpoint, cannot initialise AMAN's layer4")
-        self.layer4.load_state_dict(state)
+        target = {f"layer4.{k}": v for k, v in self.layer4.state_dict().items()}
+        check_architecture(state, {k: v.shape for k, v in target.items()}, path,
+                           f"ResNet-18 layer4 from {self.layer4[0].conv1.in_channels} channels",
+                           may_lack=("num_batches_tracked",))
+        self.layer4.load_state_dict({k.removeprefix("layer4."): state.get(k, v) for k, v in target.items()})
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """One layer4 call over all B*F*K maps, then global average pooling: -> B, F, K, 512."""
@@ -87,18 +74,24 @@ class AMAN(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, num_classes: int | None = None, **kw) -> "AMAN":
         """Build a model whose class count is read from the checkpoint's pred_fc, then load it."""
-        state = load_state_file(path)
+        state = read_state_dict(path, "AMAN checkpoint")
         if "pred_fc.weight" not in state:
             raise ValueError(f"{path}: not an AMAN checkpoint (no 'pred_fc.weight'; keys start {list(state)[:3]})")
         model = cls(num_classes or state["pred_fc.weight"].shape[0], **kw)
-        model.load_checkpoint(path)
-        return model
+        return model._load_state(state, path)
 
     def load_checkpoint(self, path: str | Path) -> "AMAN":
         """Load an AMAN checkpoint: plain state dict or {'state_dict': ...}, with or without 'module.'."""
-        state = load_state_file(path)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: not an AMAN checkpoint of this shape; missing keys {missing[:5]}, "
-                             f"unexpected keys {unexpected[:5]}")
+        return self._load_state(read_state_dict(path, "AMAN checkpoint"), path)
+
+    def _load_state(self, state: dict[str, torch.Tensor], path: str | Path) -> "AMAN":
+        """Load a checkpoint's state after checking it fits this model: class count first, then every key and shape."""
+        weight = state.get("pred_fc.weight")
+        if weight is not None and weight.dim() == 2 and weight.shape[0] != self.pred_fc.out_features:
+            raise ValueError(f"{path}: the checkpoint classifies {weight.shape[0]} classes (pred_fc has "
+                             f"{weight.shape[0]} outputs) but the model has {self.pred_fc.out_features}; build it with "
+                             f"AMAN.from_checkpoint(path) or num_classes={weight.shape[0]}")
+        check_architecture(state, {k: v.shape for k, v in self.state_dict().items()}, path,
+                           "AMAN checkpoint of this shape")
+        self.load_state_dict(state)
         return self

@@ -1,7 +1,8 @@
-"""Headless execution of the numbered notebooks with papermill, parameters checked against each notebook."""
+"""Headless execution of the numbered notebooks with papermill, parameters checked against amanlib.params."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -9,21 +10,60 @@ from pathlib import Path
 
 import papermill as pm
 import yaml
+from filelock import FileLock, Timeout
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+from . import params as schema
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+LOCK_NAME = ".amanlib.lock"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as text; this loader reads it as the number it looks like (as YAML 1.2 does)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def _load_yaml(text: str, where: str):
+    """YAML text; a ValueError naming `where` and the line and column of the problem when it is malformed."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{where}: invalid YAML{at}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
 
 
 def parse_params(params_file: str | None = None, pairs=()) -> dict:
-    """Parameters from a YAML file, then NAME VALUE pairs (VALUE read as YAML) on top."""
+    """Parameters from a YAML file, then NAME VALUE pairs (VALUE read as YAML) on top.
+
+    Malformed YAML, a missing file or a file that is not a mapping of names is a ValueError or
+    FileNotFoundError naming the file (and the line); other OSErrors carry the file name."""
     params = {}
     if params_file:
-        loaded = yaml.safe_load(Path(params_file).read_text()) or {}
+        path = Path(params_file)
+        if not path.exists():
+            raise FileNotFoundError(f"params file {params_file} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{params_file}: not a UTF-8 text file (byte {e.start})") from None
+        loaded = _load_yaml(text, str(params_file))
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ValueError(f"{params_file}: expected a mapping of parameter names to values")
+        names = [k for k in loaded if not isinstance(k, str)]
+        if names:
+            raise ValueError(f"{params_file}: parameter names must be text, got {names[0]!r}")
         params.update(loaded)
     for name, value in pairs:
-        params[name] = yaml.safe_load(value)
+        params[name] = _load_yaml(value, f"-p {name} {value!r}")
     return params
 
 
@@ -54,48 +94,115 @@ def _headless_env():
             os.environ.pop("AMANLIB_PROGRESS", None)
 
 
-def run_notebooks(params: dict | None = None, only: str | None = None, results_dir: str | Path = "results",
+def _results_folder(given, results_dir) -> str | os.PathLike:
+    """The results folder: the `results_dir` parameter or the `results_dir` argument (not two different ones)."""
+    if given is None:
+        return results_dir if results_dir is not None else "results"
+    if results_dir is not None and isinstance(given, (str, os.PathLike)) \
+            and os.path.abspath(Path(given).expanduser()) != os.path.abspath(Path(results_dir).expanduser()):
+        raise ValueError(f"results_dir: two results folders given, {str(given)!r} as a parameter and "
+                         f"{str(results_dir)!r} (--results); give one")
+    return given
+
+
+def _check_parameters_cells(books: list[Path]) -> None:
+    """The notebooks of the schema must declare exactly its parameters, or what is passed would be ignored."""
+    for book in books:
+        if book.stem in schema.NOTEBOOKS:
+            cell, known = set(pm.inspect_notebook(str(book))), set(schema.declared(book.stem))
+            if cell != known:
+                extra, lacking = sorted(cell - known), sorted(known - cell)
+                raise RuntimeError(
+                    f"{book}: its parameters cell and amanlib/params.py disagree"
+                    + (f"; only the cell declares {', '.join(extra)}" if extra else "")
+                    + (f"; only amanlib/params.py declares {', '.join(lacking)}" if lacking else ""))
+
+
+def _writable_folder(folder: Path) -> Path:
+    """Create the results folder; a ValueError naming it when that fails or it is not writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"results folder {folder} cannot be created: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"results folder {folder} is not writable; choose another (--results)")
+    return folder
+
+
+@contextmanager
+def _locked(folder: Path):
+    """Hold folder/.amanlib.lock for the whole run; a second run into the same folder fails at once."""
+    lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"another run is using the results folder {folder} (it holds {folder / LOCK_NAME}); "
+                           "wait for it to finish or choose another results folder (--results)") from None
+    except OSError as e:
+        raise ValueError(f"results folder {folder}: cannot create the lock file {LOCK_NAME}: "
+                         f"{e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_notebooks(params: dict | None = None, only: str | None = None, results_dir: str | Path | None = None,
                   notebooks_dir: str | Path | None = None, cell_timeout: float | None = None,
                   echo: bool = True, log=print) -> list[Path]:
     """Execute the notebooks in order into results_dir/notebooks; stop at the first failing cell.
 
-    `results_dir` is passed to every notebook (as an absolute path) so figures and metrics land beside them.
-    Headless, so `show_widgets` defaults to False. `cell_timeout` (seconds) turns a cell that never
-    finishes into an error naming the notebook and cell; `echo` streams the kernels' output (progress
-    included) to this process's stdout/stderr as it comes.
+    Every parameter is checked (amanlib.params.validate) before the first notebook starts; a parameter only
+    notebooks left out by `only` read is dropped with a note to `log`. `results_dir` (default "results", or
+    the `results_dir` parameter) is passed to every notebook as an absolute path, as are all path parameters,
+    so figures and metrics land beside them; it must be writable and is locked for the run
+    (results_dir/.amanlib.lock): a second run into it fails at once. Headless, so `show_widgets` defaults
+    to False. `cell_timeout` (seconds) turns a cell that never finishes into an error naming the notebook and
+    cell; `echo` streams the kernels' output (progress included) to this process's stdout/stderr as it comes.
+    Notebooks outside amanlib.params (a notebooks folder of one's own) take the parameters their cells declare.
     """
     params = dict(params or {})
-    results_dir = Path(results_dir).resolve()
-    params.setdefault("results_dir", str(results_dir))
+    params["results_dir"] = _results_folder(params.get("results_dir"), results_dir)
     books = notebook_list(notebooks_dir, only)
-    declared = {b: set(pm.inspect_notebook(str(b))) for b in books}
-    unknown = set(params) - set().union(*declared.values())
-    if unknown:
-        raise ValueError(f"parameters {sorted(unknown)} are not defined by any of "
-                         f"{[b.name for b in books]}; see their 'parameters' cells")
-    params.setdefault("show_widgets", False)
-    out_dir = results_dir / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    custom = {b.stem: set(pm.inspect_notebook(str(b))) for b in books if b.stem not in schema.NOTEBOOKS}
+    values = schema.validate(params, [b.stem for b in books], custom=custom, log=log)
+    _check_parameters_cells(books)
+    results_dir = Path(values.get("results_dir") or os.path.abspath(params["results_dir"]))
+    reads = {b: custom[b.stem] if b.stem in custom else set(schema.declared(b.stem)) for b in books}
+    out_dir = _writable_folder(results_dir) / "notebooks"
     done = []
-    for book in books:
-        mine = {k: v for k, v in params.items() if k in declared[book]}
-        log(f"running {book.name} with {mine}")
-        start = time.perf_counter()
-        kept = f"executed notebook kept at {out_dir / book.name}; completed notebooks before it are in {out_dir}"
-        try:
-            with _headless_env():
-                pm.execute_notebook(str(book), str(out_dir / book.name), parameters=mine, cwd=str(book.parent),
-                                    progress_bar=False, kernel_name="python3", start_timeout=120,
-                                    execution_timeout=cell_timeout, stdout_file=sys.stdout if echo else None,
-                                    stderr_file=sys.stderr if echo else None)
-        except pm.PapermillExecutionError as e:
-            raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} ({kept})") from None
-        except CellTimeoutError as e:
-            cell = " ".join(str(e).split("preview of the cell contents:")[-1].split())[:200]
-            raise RuntimeError(f"{book.name}: a cell ran longer than cell_timeout={cell_timeout} s and was "
-                               f"stopped: {cell} ({kept})") from None
-        except DeadKernelError as e:
-            raise RuntimeError(f"{book.name}: the kernel died ({e}); out of memory? ({kept})") from None
-        log(f"finished {book.name} in {time.perf_counter() - start:.0f} s")
-        done.append(out_dir / book.name)
+    with _locked(results_dir):
+        out_dir.mkdir(exist_ok=True)
+        for book in books:
+            mine = {k: v for k, v in values.items() if k in reads[book]}
+            if "show_widgets" in reads[book]:
+                mine.setdefault("show_widgets", False)
+            log(f"running {book.name} with {mine}")
+            start = time.perf_counter()
+            _execute(book, out_dir, mine, cell_timeout, echo)
+            log(f"finished {book.name} in {time.perf_counter() - start:.0f} s")
+            done.append(out_dir / book.name)
     return done
+
+
+def _execute(book: Path, out_dir: Path, parameters: dict, cell_timeout: float | None, echo: bool) -> None:
+    out = out_dir / book.name
+    kept = f"executed notebook kept at {out}; completed notebooks before it are in {out_dir}"
+    try:
+        with _headless_env():
+            pm.execute_notebook(str(book), str(out), parameters=parameters, cwd=str(book.parent),
+                                progress_bar=False, kernel_name="python3", start_timeout=120,
+                                execution_timeout=cell_timeout, stdout_file=sys.stdout if echo else None,
+                                stderr_file=sys.stderr if echo else None)
+    except pm.PapermillExecutionError as e:
+        raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} ({kept})") from None
+    except CellTimeoutError as e:
+        cell = " ".join(str(e).split("preview of the cell contents:")[-1].split())[:200]
+        raise RuntimeError(f"{book.name}: a cell ran longer than cell_timeout={cell_timeout} s and was "
+                           f"stopped: {cell} ({kept})") from None
+    except DeadKernelError as e:
+        raise RuntimeError(f"{book.name}: the kernel died ({e}); out of memory? ({kept})") from None
+    except OSError as e:  # disk full, permissions...: the error names its file, else the notebook being written
+        if e.filename or not e.strerror:
+            raise
+        raise OSError(e.errno, e.strerror, str(out)) from e

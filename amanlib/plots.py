@@ -56,6 +56,52 @@ def clip_strips(clips: list[tuple[str, torch.Tensor]], labels=("onset", "apex", 
     return fig
 
 
+def onset_apex_offset(index: pd.DataFrame, n: int = 4):
+    """clip_strips of n clips of the table, one of each class first."""
+    from .data import clip_frame_paths, load_clip_frames
+    shown = index.groupby("label", group_keys=False).head(1)
+    shown = pd.concat([shown, index.drop(shown.index)]).head(n)
+    strips = []
+    for _, row in shown.iterrows():
+        paths = clip_frame_paths(row)
+        frames = load_clip_frames([paths[0], paths[int(row.apex) - int(row.onset)], paths[-1]])
+        strips.append((f"{row['subject']}/{row['clip']} ({row['label_name']})", frames))
+    return clip_strips(strips)
+
+
+def magnified_pair(magnified: torch.Tensor, onset: torch.Tensor, title: str, diff_gain: float = 4.0):
+    """One magnified image beside |magnified - onset| x diff_gain."""
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    axes[0].imshow(_image(magnified))
+    axes[1].imshow(((magnified - onset).abs().mean(0) * diff_gain).clamp(0, 1), cmap="gray")
+    axes[0].set_title(title)
+    axes[1].set_title(f"|magnified - onset| x{diff_gain:g}")
+    for ax in axes:
+        ax.axis("off")
+    return fig
+
+
+def feature_energy(features: np.ndarray, factors):
+    """Mean |feature| per factor slot relative to the first slot, clip by clip (memmaps stay on disk)."""
+    energy = np.mean([np.abs(features[i].astype(np.float32)).mean(axis=(0, 2, 3, 4)) for i in range(len(features))],
+                     axis=0)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(factors, energy / energy[0], marker="o")
+    ax.set(xlabel="magnification factor", ylabel="mean |feature| / first slot", title="trunk activation vs factor")
+    return fig
+
+
+def per_subject_accuracy(predictions: pd.DataFrame, title: str):
+    """Accuracy per held-out subject."""
+    p = predictions.assign(correct=predictions["gt"] == predictions["pred"])
+    per = p.groupby(["dataset", "subject"]).correct.mean().reset_index()
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(per)), 3.3))
+    ax.bar(per.dataset + "/" + per.subject, per.correct)
+    ax.set(title=f"accuracy per held-out subject ({title})", ylabel="accuracy", ylim=(0, 1))
+    ax.tick_params(axis="x", rotation=90, labelsize=7)
+    return fig
+
+
 def magnification_grid(onset: torch.Tensor, frame: torch.Tensor, outputs: dict[str, torch.Tensor], factors,
                        diff_gain: float = 4.0):
     """For each method (rows, two each): magnified frames per factor, then |magnified - onset| maps."""

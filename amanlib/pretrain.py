@@ -15,8 +15,9 @@ import torch
 from torchvision import models
 from torchvision.transforms import v2
 
+from .cache import build_once, file_digest
 from .data import load_clip_frames
-from .features import preprocess
+from .backbone import preprocess
 from .runtime import autocast, progress_bar, resolve_device, seed_everything, torch_save_atomic
 
 
@@ -33,19 +34,38 @@ class PretrainConfig:
     amp: bool | None = None  # None: on for CUDA
 
 
-def pretrain_trunk(macro: pd.DataFrame, out_path: str | Path, cfg: PretrainConfig | None = None,
-                   progress: bool = True) -> dict:
-    """Train ResNet-18 (random init) on macro images (columns path, subject, label); save and return a summary.
+@dataclass(frozen=True)
+class Pretrained:
+    """A pre-trained trunk's checkpoint (FER+ layout) and its held-out accuracy."""
 
-    An existing out_path is reused as it is (delete it to train again).
+    path: Path
+    summary: dict
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.summary["val_accuracy"]
+
+
+def pretrain_trunk(macro: pd.DataFrame, root: str | Path, cfg: PretrainConfig | None = None,
+                   progress: bool = True) -> Pretrained:
+    """Train ResNet-18 (random init) on macro images (columns path, subject, label) into root/<key>/trunk.pth.
+
+    The key covers the images (by content), their labels and subjects, and the config (not the device), so a
+    finished trunk is reused and anything else trains anew.
     """
     cfg = cfg or PretrainConfig()
-    out_path = Path(out_path)
-    if out_path.exists():
-        return torch.load(out_path, map_location="cpu", weights_only=True)["summary"]
     for col in ("path", "subject", "label"):
         if col not in macro:
             raise ValueError(f"macro table lacks column '{col}' (have {list(macro.columns)})")
+    config = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    images = [[Path(p).name, file_digest(p), str(s), int(y)] for p, s, y in zip(macro["path"], macro["subject"],
+                                                                               macro["label"])]
+    entry = build_once(root, {"images": images, "config": config}, "pretrained trunk",
+                       lambda folder: _train(macro, folder / "trunk.pth", cfg, progress))
+    return Pretrained(entry.path / "trunk.pth", entry.stamp())
+
+
+def _train(macro: pd.DataFrame, out_path: Path, cfg: PretrainConfig, progress: bool) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"

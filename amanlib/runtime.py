@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm as auto_tqdm
 from tqdm.std import tqdm as std_tqdm
 
 
@@ -32,9 +31,10 @@ class _TextBar(std_tqdm):
 
 
 def progress_bar(iterable=None, **kwargs):
-    """A tqdm bar: a widget in JupyterLab; with AMANLIB_PROGRESS=text (headless papermill runs, where widgets
-    only add comm traffic) a plain-text line every 5 s for the lasting bars, transient ones (leave=False)
-    hidden; none with AMANLIB_PROGRESS=off."""
+    """A text tqdm bar, one line redrawn in place (in a terminal and in JupyterLab alike: never a widget, so a
+    saved notebook reopens without 'Error displaying widget'); with AMANLIB_PROGRESS=text (headless papermill
+    runs, logs) a plain line every 5 s for the lasting bars, transient ones (leave=False) hidden; none with
+    AMANLIB_PROGRESS=off."""
     mode = os.environ.get("AMANLIB_PROGRESS", "auto")
     if mode not in ("auto", "text", "off"):
         raise ValueError(f"AMANLIB_PROGRESS={mode!r}: expected auto, text or off")
@@ -43,7 +43,7 @@ def progress_bar(iterable=None, **kwargs):
     if mode == "text":
         kwargs.setdefault("mininterval", 5.0)
         return _TextBar(iterable, **kwargs)
-    return auto_tqdm(iterable, **kwargs)
+    return std_tqdm(iterable, **kwargs)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,15 +1,15 @@
-"""Leave-one-subject-out training of AMAN on cached features: honest by default, the authors' protocol on request.
+"""Leave-one-subject-out training of AMAN on cached features: honest by default, the authors' epoch rule on request.
 
 Features sit in one tensor [N, F, K, 256, 14, 14] (on the GPU when they fit); batches are index slices.
-Every finished fold is written atomically, so a re-run skips it and ends with the same numbers.
+Each run lives in a folder keyed by its features, clip table and settings (amanlib.cache); every finished
+fold is written atomically, so a re-run skips it and ends with the same numbers.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +17,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .metrics import megc_scores, scores, uar, uf1, write_megc_log
+from .cache import Entry, file_digest, tensor_digest
+from .features import FeatureCache
+from .metrics import megc_scores, scores, uar, uf1
+from .checkpoints import read_state_dict
 from .model import AMAN
-from .runtime import atomic_write, autocast, progress_bar, resolve_device, torch_save_atomic
+from .results import LOSOResult
+from .runtime import autocast, progress_bar, resolve_device, torch_save_atomic
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("fixed", "inner_val", "paper")
-OPTIMISTIC = "OPTIMISTIC: epoch chosen on the held-out subject's own accuracy (the authors' protocol)"
+EPOCH_SELECTIONS = ("fixed", "inner_val", "paper")
 INDEX_COLUMNS = ("dataset", "subject", "clip", "label")
 
 
@@ -44,32 +47,36 @@ class TrainConfig:
     amp: bool | None = None  # None: on for CUDA (bf16 where supported, else fp16), off on CPU
     channels_last: bool = True
     num_workers: int = 0  # CPU threads for torch (0 keeps torch's default); batches need no loader workers
-    protocol: str = "fixed"  # fixed: last epoch | inner_val: one training subject picks the epoch | paper
+    epoch_selection: str = "fixed"  # fixed: last epoch | inner_val: one training subject picks it | paper
     frozen_layer4: bool = False  # CPU fast path: layer4 pre-trained and frozen, pooled features computed once
     init_layer4_from: str | None = None  # ResNet-18 checkpoint (FER+ or the kit's own) for layer4
-    factors: tuple[int, ...] | None = None  # indices along K to use (None: all)
+    factor_slots: tuple[int, ...] | None = None  # slots along K to use (None: all); values are in the features
     use_alpha: bool = True
     use_beta: bool = True
     num_classes: int | None = None  # None: from the labels
 
     def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.factors is not None:
-            self.factors = tuple(int(k) for k in self.factors)
+        if self.epoch_selection not in EPOCH_SELECTIONS:
+            raise ValueError(f"TrainConfig.epoch_selection must be one of {EPOCH_SELECTIONS}, "
+                             f"got {self.epoch_selection!r}")
+        for name in ("epochs", "batch_size", "step_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr", "eps", "weight_decay", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+                    or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                                 f"got {value!r}")
+        if self.factor_slots is not None:
+            self.factor_slots = tuple(int(k) for k in self.factor_slots)
+            if not self.factor_slots:
+                raise ValueError("TrainConfig.factor_slots is empty: AMAN needs at least one factor")
 
     @property
     def optimistic(self) -> bool:
-        return self.protocol == "paper"
-
-
-@dataclass
-class LOSOResult:
-    predictions: pd.DataFrame  # dataset, subject, clip, gt, pred, fold, epoch, pred_last, pred_best_test, alpha, beta
-    history: pd.DataFrame  # fold, epoch, lr, train_loss, train_acc, test_acc, val_uf1
-    scores: pd.DataFrame  # megc_scores of pred
-    out_dir: Path
-    config: TrainConfig = field(repr=False, default=None)
+        return self.epoch_selection == "paper"
 
 
 def loso_folds(index: pd.DataFrame) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -137,8 +144,8 @@ class _Fold:
 
     def batch(self, rows: torch.Tensor) -> torch.Tensor:
         x = self.features[rows.to(self.features.device)]
-        if self.cfg.factors is not None:
-            x = x[:, :, list(self.cfg.factors)]
+        if self.cfg.factor_slots is not None:
+            x = x[:, :, list(self.cfg.factor_slots)]
         return (x.to(self.device, torch.float32, non_blocking=True) - self.shift) / self.scale
 
     def logits(self, x: torch.Tensor):
@@ -188,15 +195,15 @@ def _inner_val_subject(index: pd.DataFrame, train_rows: np.ndarray, seed: int) -
 
 def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, index: pd.DataFrame,
                test_rows: np.ndarray, train_rows: np.ndarray, num_classes: int, device: torch.device,
-               seed: int, progress: bool = True) -> dict:
+               seed: int) -> dict:
     """Train one fold from scratch; return the chosen epoch's predictions and attention plus the history."""
-    val_rows = _inner_val_subject(index, train_rows, seed) if cfg.protocol == "inner_val" else np.array([], int)
+    val_rows = _inner_val_subject(index, train_rows, seed) if cfg.epoch_selection == "inner_val" else np.array([], int)
     fit_rows = np.setdiff1d(train_rows, val_rows)
     fold = _Fold(cfg, features, labels, num_classes, device, seed, fit_rows)
     gt = labels[test_rows].numpy()
     history, per_epoch = [], []
     best_val, best_epoch = -1.0, None
-    for epoch in progress_bar(range(cfg.epochs), desc="epochs", leave=False, disable=not progress):
+    for epoch in range(cfg.epochs):
         lr = fold.optimizer.param_groups[0]["lr"]
         loss, acc = fold.train_epoch(fit_rows)
         pred, alpha, beta = fold.predict(test_rows)
@@ -209,106 +216,182 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
         history.append(row)
     test_acc = [h["test_acc"] for h in history]
     best_test = int(np.argmax(test_acc))  # first epoch reaching the best held-out accuracy, as the authors keep it
-    chosen = {"fixed": cfg.epochs - 1, "paper": best_test, "inner_val": best_epoch}[cfg.protocol]
+    chosen = {"fixed": cfg.epochs - 1, "paper": best_test, "inner_val": best_epoch}[cfg.epoch_selection]
     pred, alpha, beta = per_epoch[chosen]
     return {"rows": test_rows, "pred": pred, "alpha": alpha, "beta": beta, "epoch": chosen,
             "pred_last": per_epoch[-1][0], "pred_best_test": per_epoch[best_test][0],
             "history": history, "val_subject_rows": val_rows}
 
 
+@dataclass(frozen=True)
+class Keyed:
+    """Features in memory (e.g. pooled [N, F, K, 512]) with the key of what made them and their factor values."""
+
+    features: torch.Tensor
+    key: str
+    factors: list[float] | None = None
+
+
+def _unpack(features) -> tuple[torch.Tensor, str, list[float] | None]:
+    """(tensor, key, factor values or None) of a FeatureCache, Keyed, tensor or array (keyed by its bytes)."""
+    if isinstance(features, FeatureCache):
+        return _as_tensor(features.features), features.key, features.factors
+    if isinstance(features, Keyed):
+        return features.features, features.key, features.factors
+    tensor = _as_tensor(features)
+    return tensor, tensor_digest(tensor), None
+
+
+def _layer4_weights(path: str | Path | None, seed: int) -> dict:
+    """What layer4 starts from: a checkpoint's layer4 weights (by content) or a random init from `seed`."""
+    if not path:
+        return {"random_seed": seed}
+    state = {k: v for k, v in read_state_dict(path, "layer4 checkpoint").items() if k.startswith("layer4.")}
+    return {"digest": tensor_digest(state) if state else file_digest(path)}
+
+
 @torch.inference_mode()
 def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device="auto", chunk: int = 64,
-                  progress: bool = True) -> torch.Tensor:
-    """Frozen-layer4 fast path: pre-trained layer4 + average pooling once for all clips -> [N, F, K, 512]."""
+                  progress: bool = True, seed: int = 0) -> torch.Tensor:
+    """Frozen-layer4 fast path: pre-trained layer4 + average pooling once for all clips -> [N, F, K, 512].
+    Without a checkpoint layer4 is random, drawn from `seed`."""
     device = resolve_device(device)
+    torch.manual_seed(seed)
     model = AMAN(num_classes=1, in_channels=features.shape[3]).to(device).eval()
     if layer4_from:
         model.load_layer4(layer4_from)
     else:
-        log.warning("frozen layer4 with RANDOM weights: no init_layer4_from checkpoint was given")
+        log.warning("frozen layer4 with RANDOM weights (seed %d): no init_layer4_from checkpoint was given", seed)
     starts = progress_bar(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)
     out = [model.pool(features[s:s + chunk].to(device, torch.float32)).cpu() for s in starts]
     return torch.cat(out)
 
 
-def _config_record(cfg: TrainConfig, index: pd.DataFrame, shape) -> dict:
-    record = dataclasses.asdict(cfg)
-    record.pop("device")
-    record.pop("num_workers")
-    record["features_shape"] = list(shape)
-    record["clips"] = int(len(index))
-    return record
+def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress: bool = True):
+    """With frozen_layer4, the pooled features, cached under runs_dir/pooled by the features' key and the
+    layer4 weights; else the features as they are."""
+    tensor, key, factors = _unpack(features)
+    if not (cfg.frozen_layer4 and tensor.dim() == 6):
+        return features
+    layer4 = _layer4_weights(cfg.init_layer4_from, cfg.seed)
+    entry = Entry(Path(runs_dir) / "pooled", {"features": key, "layer4": layer4}, "pooled features")
+    if not entry.done:
+        with entry.writing():
+            if not entry.done:
+                pooled = pool_features(tensor, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress,
+                                       seed=cfg.seed)
+                check_finite(pooled, None, "pooled features")
+                torch_save_atomic(pooled, entry.path / "pooled.pt")
+                entry.finish({"shape": list(pooled.shape)})
+    return Keyed(torch.load(entry.path / "pooled.pt", weights_only=True), entry.key, factors)
 
 
-def _check_resume(out_dir: Path, record: dict) -> None:
-    """A re-run in the same folder must use the same settings, or finished folds would be mixed with new ones."""
-    path = out_dir / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in record.items() if old.get(k) != (list(v) if isinstance(v, tuple) else v)}
-        if diff:
-            raise ValueError(f"{out_dir} holds folds trained with other settings {diff}; "
-                             f"use another out_dir or delete {out_dir}/folds to start over")
-    else:
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+def check_finite(features: torch.Tensor, index: pd.DataFrame | None, what: str = "features") -> None:
+    """Raise naming the clips whose features hold NaN or inf (checked in chunks: memmaps stay on disk)."""
+    bad = []
+    for start in range(0, len(features), 64):
+        chunk = features[start:start + 64].float()
+        bad += (start + torch.nonzero(~torch.isfinite(chunk.flatten(1)).all(1)).flatten()).tolist()
+    if bad:
+        names = [f"{r.dataset}/{r.subject}/{r.clip}" for r in index.iloc[bad[:5]].itertuples()] if index is not None \
+            else [f"row {i}" for i in bad[:5]]
+        raise ValueError(f"{what} of {len(bad)} clip(s) hold NaN or inf, e.g. {names}: the feature cache is "
+                         "corrupt; build it again (notebook 03_feature_extraction)")
 
 
-def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None, out_dir: str | Path = "results/work/loso",
-             progress: bool = True, leave: bool = True) -> LOSOResult:
-    """Leave-one-subject-out over `index` (columns dataset, subject, clip, label) with features [N, F, K, ...].
-
-    Writes folds/<fold>.pt as each finishes, then predictions.csv, attention.npz, history.csv, scores.csv
-    and megc_log.txt into out_dir. A re-run skips finished folds.
-    """
-    cfg = cfg or TrainConfig()
-    out_dir = Path(out_dir)
-    index = index.reset_index(drop=True)
-    features = _as_tensor(features)
-    if len(features) != len(index):
-        raise ValueError(f"features hold {len(features)} clips but the index has {len(index)} rows")
-    folds = loso_folds(index)
+def _check_index(index: pd.DataFrame) -> torch.Tensor:
+    """The labels of a clip table fit for LOSO, or an error naming what is wrong."""
+    missing = [c for c in INDEX_COLUMNS if c not in index]
+    if missing:
+        raise ValueError(f"clip index lacks columns {missing} (has {list(index.columns)})")
     unlabelled = index.loc[index["label"].isna(), "clip"].tolist()
     if unlabelled:
-        raise ValueError(f"{len(unlabelled)} clips have no label (select them with a protocol first): {unlabelled[:5]}")
-    labels = torch.tensor(index["label"].to_numpy(dtype=np.int64))
+        raise ValueError(f"{len(unlabelled)} clips have no label (select them with a label protocol first): "
+                         f"{unlabelled[:5]}")
+    if (index["dataset"].astype(str) + "/" + index["subject"].astype(str)).nunique() < 2:
+        raise ValueError("leave-one-subject-out needs clips of at least 2 subjects")
+    labels = torch.tensor(np.ascontiguousarray(index["label"].to_numpy(dtype=np.int64)))
+    if labels.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {int(labels.min())}")
+    return labels
+
+
+def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig) -> dict:
+    """What decides a run's numbers: the features, the clip table's rows in order and the settings."""
+    record = dataclasses.asdict(cfg)
+    for name in ("device", "num_workers"):  # where it runs, not what it computes
+        record.pop(name)
+    record["init_layer4_from"] = _layer4_weights(cfg.init_layer4_from, cfg.seed) if cfg.init_layer4_from else None
+    rows = index[list(INDEX_COLUMNS)].astype(str).agg("/".join, axis=1).tolist()
+    return {"features": features_key, "index": rows, "config": record}
+
+
+def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
+             runs_dir: str | Path = "results/work/runs", progress: bool = True, bar=None) -> LOSOResult:
+    """Leave-one-subject-out over `index` (columns dataset, subject, clip, label) with features [N, F, K, ...]
+    (a FeatureCache, Keyed features, or a tensor/array).
+
+    The run goes into runs_dir/<key> (key: features, clip rows in order, settings), written under a lock:
+    folds/<fold>.pt as each finishes, then predictions.csv, attention.npz, history.csv, scores.csv,
+    config.json and megc_log.txt. A re-run skips finished folds. `bar`, an outer progress bar, is advanced
+    once per fold instead of showing a bar of its own.
+    """
+    cfg = cfg or TrainConfig()
+    index = index.reset_index(drop=True)
+    labels = _check_index(index)
+    features = prepare_features(features, cfg, runs_dir, progress)
+    tensor, key, factors = _unpack(features)
+    if len(tensor) != len(index):
+        raise ValueError(f"features hold {len(tensor)} clips but the index has {len(index)} rows")
+    slots = list(cfg.factor_slots) if cfg.factor_slots is not None else list(range(tensor.shape[2]))
+    if max(slots) >= tensor.shape[2] or min(slots) < 0:
+        raise ValueError(f"factor_slots {slots} do not exist in features with {tensor.shape[2]} factors")
+    folds = loso_folds(index)
+    entry = Entry(runs_dir, run_inputs(key, index, cfg), "LOSO run")
+    own = bar is None
+    bar = progress_bar(total=len(folds), desc="LOSO folds", disable=not progress) if own else bar
+    try:
+        if not entry.done:
+            with entry.writing():
+                if not entry.done:
+                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar)
+        else:
+            bar.update(len(folds))
+    finally:
+        if own:
+            bar.close()
+    return LOSOResult.load(entry.path)
+
+
+def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar) -> None:
+    check_finite(tensor, index)
     num_classes = cfg.num_classes or int(labels.max()) + 1
-    _check_resume(out_dir, _config_record(cfg, index, features.shape))
     if cfg.num_workers:
         torch.set_num_threads(cfg.num_workers)
     device = resolve_device(cfg.device)
-    features = _place(prepare_features(features, cfg, out_dir, progress), device)
-
+    tensor = _place(tensor, device)
     done = []
-    bar = progress_bar(folds, desc="LOSO folds", disable=not progress, leave=leave)
-    for i, (name, test_rows, train_rows) in enumerate(bar):
-        path = out_dir / "folds" / f"{name.replace('/', '_')}.pt"
+    for i, (name, test_rows, train_rows) in enumerate(folds):
+        path = entry.path / "folds" / f"{name.replace('/', '_')}.pt"
         if path.exists():
             result = torch.load(path, weights_only=False)
         else:
-            result = train_fold(cfg, features, labels, index, test_rows, train_rows, num_classes, device,
-                                seed=cfg.seed * 100_003 + i, progress=progress)
+            result = train_fold(cfg, tensor, labels, index, test_rows, train_rows, num_classes, device,
+                                seed=cfg.seed * 100_003 + i)
             torch_save_atomic(result, path)
         done.append((name, result))
         rows = np.concatenate([r["rows"] for _, r in done])
         gt, pred = labels[rows].numpy(), np.concatenate([r["pred"] for _, r in done])
+        bar.update()
         bar.set_postfix(uf1=f"{uf1(gt, pred):.3f}", uar=f"{uar(gt, pred):.3f}")
-    return _collect(done, index, labels, cfg, out_dir)
+    config = {**entry.inputs["config"], "key": entry.key, "features_key": entry.inputs["features"],
+              "factors": [factors[k] for k in slots] if factors else None, "num_classes": num_classes}
+    result = _collect(done, index, labels, cfg, entry.path, config)
+    result.save()
+    entry.finish(result.scores.loc["full"].to_dict())
 
 
-def prepare_features(features, cfg: TrainConfig, cache_dir: str | Path, progress: bool = True) -> torch.Tensor:
-    """With frozen_layer4, the pooled features (computed once, cached in cache_dir/pooled.pt); else as they are."""
-    features = _as_tensor(features)
-    if not (cfg.frozen_layer4 and features.dim() == 6):
-        return features
-    path = Path(cache_dir) / "pooled.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    pooled = pool_features(features, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress)
-    torch_save_atomic(pooled, path)
-    return pooled
-
-
-def _collect(done, index, labels, cfg, out_dir) -> LOSOResult:
+def _collect(done, index, labels, cfg, out_dir, config) -> LOSOResult:
     frames = []
     for name, r in done:
         part = index.loc[r["rows"], ["dataset", "subject", "clip"]].copy()
@@ -318,19 +401,11 @@ def _collect(done, index, labels, cfg, out_dir) -> LOSOResult:
         part["alpha"], part["beta"] = list(r["alpha"]), list(r["beta"])
         frames.append(part)
     predictions = pd.concat(frames)
-    predictions["protocol"] = cfg.protocol
+    predictions["epoch_selection"] = cfg.epoch_selection
     history = pd.DataFrame([{"fold": name, **h} for name, r in done for h in r["history"]])
     table = megc_scores(predictions)
-    table["protocol"] = cfg.protocol + (" (optimistic)" if cfg.optimistic else "")
-    scalar = predictions.drop(columns=["alpha", "beta"])
-    atomic_write(out_dir / "predictions.csv", lambda tmp: scalar.to_csv(tmp, index=False))
-    atomic_write(out_dir / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
-    atomic_write(out_dir / "scores.csv", lambda tmp: table.to_csv(tmp))
-    atomic_write(out_dir / "attention.npz", lambda tmp: np.savez(
-        tmp, clip=predictions["clip"].to_numpy(str),
-        alpha=np.stack(predictions["alpha"].to_list()), beta=np.stack(predictions["beta"].to_list())))
-    write_megc_log(predictions, out_dir / "megc_log.txt", comment=OPTIMISTIC if cfg.optimistic else None)
-    return LOSOResult(predictions, history, table, out_dir, cfg)
+    table["epoch_selection"] = cfg.epoch_selection + (" (optimistic)" if cfg.optimistic else "")
+    return LOSOResult(predictions, history, table, out_dir, config)
 
 
 @dataclass(frozen=True)
@@ -338,15 +413,22 @@ class Variant:
     """One ablation: which factor slots are used and which attention is on."""
 
     name: str
-    factors: tuple[int, ...]
+    factor_slots: tuple[int, ...]
     use_alpha: bool = True
     use_beta: bool = True
 
+    def __post_init__(self):
+        if not self.factor_slots:
+            raise ValueError(f"variant {self.name!r} uses no factor slot: AMAN needs at least one factor")
+
 
 def ablation_variants(factors) -> list[Variant]:
-    """The paper's ablations over the factor list of the features (factor 1 = the unmagnified frame)."""
+    """The paper's ablations over the factor values of the features (factor 1 = the unmagnified frame)."""
     factors = [float(f) for f in factors]
     magnified = tuple(k for k, f in enumerate(factors) if f != 1.0)
+    if not magnified:
+        raise ValueError(f"factors {factors} hold no magnified factor (1 is the unmagnified frame): AMAN would be "
+                         "left without factors; extract features with factors > 1")
     variants = [Variant("AMAN", magnified),
                 Variant("magnification attention only", magnified, use_beta=False),
                 Variant("frame attention only", magnified, use_alpha=False)]
@@ -356,31 +438,55 @@ def ablation_variants(factors) -> list[Variant]:
     return variants
 
 
-def run_ablations(features, index: pd.DataFrame, factors, cfg: TrainConfig | None = None,
-                  out_dir: str | Path = "results/work/ablations", variants: list[Variant] | None = None,
-                  progress: bool = True) -> pd.DataFrame:
-    """Run every variant with the same features, folds and settings; one table of UF1/UAR/accuracy per subset."""
+def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
+                  runs_dir: str | Path = "results/work/runs", variants: list[Variant] | None = None,
+                  progress: bool = True) -> tuple[pd.DataFrame, dict[str, LOSOResult]]:
+    """Every variant with the same features, folds and settings, one progress bar over all their folds.
+    Returns the table of UF1/UAR/accuracy per variant and subset, and each variant's run."""
     cfg = cfg or TrainConfig()
-    out_dir = Path(out_dir)
-    features = prepare_features(features, cfg, out_dir, progress)  # pooled once for all variants
-    tables = []
-    bar = progress_bar(variants or ablation_variants(factors), desc="ablations", disable=not progress)
-    for v in bar:
-        vcfg = dataclasses.replace(cfg, factors=v.factors, use_alpha=v.use_alpha, use_beta=v.use_beta)
-        slug = "".join(c if c.isalnum() else "_" for c in v.name.lower())
-        res = run_loso(features, index, vcfg, out_dir / slug, progress=progress, leave=False)
-        bar.set_postfix(last=v.name, uf1=f"{res.scores.loc['full', 'uf1']:.3f}")
-        tables.append(res.scores.drop(columns="protocol").rename_axis("subset").reset_index().assign(variant=v.name))
+    tensor, key, known = _unpack(prepare_features(features, cfg, runs_dir, progress))  # pooled once for all variants
+    factors = [float(f) for f in factors] if factors is not None else known
+    if factors is None:
+        raise ValueError("run_ablations: pass the factor values of these features (factors=...)")
+    if len(factors) != tensor.shape[2]:
+        raise ValueError(f"{len(factors)} factor values given for features with {tensor.shape[2]} factor slots")
+    features = Keyed(tensor, key, factors)
+    variants = variants or ablation_variants(factors)
+    n_folds = len(loso_folds(index))
+    tables, runs = [], {}
+    with progress_bar(total=len(variants) * n_folds, desc="training (variants x folds)", disable=not progress) as bar:
+        for v in variants:
+            vcfg = dataclasses.replace(cfg, factor_slots=v.factor_slots, use_alpha=v.use_alpha, use_beta=v.use_beta)
+            runs[v.name] = res = run_loso(features, index, vcfg, runs_dir, progress=progress, bar=bar)
+            bar.set_postfix(last=v.name, uf1=f"{res.scores.loc['full', 'uf1']:.3f}")
+            tables.append(res.scores.drop(columns="epoch_selection").rename_axis("subset").reset_index()
+                          .assign(variant=v.name))
     table = pd.concat(tables, ignore_index=True)[["variant", "subset", "uf1", "uar", "accuracy", "n"]]
-    table["model"] = "AMAN, frozen layer4" if cfg.frozen_layer4 else "AMAN"
-    table["protocol"] = cfg.protocol + (" (optimistic)" if cfg.optimistic else "")
-    atomic_write(out_dir / "ablations.csv", lambda tmp: table.to_csv(tmp, index=False))
-    return table
+    table["model"] = model_name(cfg)
+    table["epoch_selection"] = cfg.epoch_selection + (" (optimistic)" if cfg.optimistic else "")
+    return table, runs
+
+
+def resolve_frozen_layer4(frozen_layer4: bool | None, device="auto") -> bool:
+    """None picks the frozen-layer4 fast path on a CPU and the full model on an accelerator."""
+    return resolve_device(device).type == "cpu" if frozen_layer4 is None else bool(frozen_layer4)
+
+
+def model_name(cfg: TrainConfig) -> str:
+    return "AMAN, frozen layer4" if cfg.frozen_layer4 else "AMAN"
+
+
+def describe(cfg: TrainConfig, index: pd.DataFrame, cache: FeatureCache) -> str:
+    """One Markdown line naming what is trained on what."""
+    optimistic = " (OPTIMISTIC)" if cfg.optimistic else ""
+    return (f"**{model_name(cfg)}**, epoch selection `{cfg.epoch_selection}`{optimistic}, {len(index)} clips, "
+            f"{len(loso_folds(index))} folds, features {tuple(cache.features.shape)} (factors {cache.factors}), "
+            f"backbone: {cache.backbone['name']}, device {resolve_device(cfg.device)}")
 
 
 def summary(result: LOSOResult) -> dict:
     """Top-level numbers for metrics.json."""
     p = result.predictions
-    return {"protocol": result.config.protocol, "optimistic": result.config.optimistic,
-            "frozen_layer4": result.config.frozen_layer4, **scores(p["gt"], p["pred"]),
+    return {"epoch_selection": result.config["epoch_selection"], "optimistic": result.optimistic,
+            "frozen_layer4": result.config["frozen_layer4"], **scores(p["gt"], p["pred"]),
             "paper_protocol_on_same_run": scores(p["gt"], p["pred_best_test"])}

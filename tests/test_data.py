@@ -15,6 +15,7 @@ import torch
 from amanlib.data import (COLUMNS, MACRO_CLASSES, FaceNotFoundError, HaarFaceDetector, casme2_5class,
                           class_counts, clip_frame_paths, crop_clip, crop_faces, estimate_apex, fill_apex,
                           load_clip_frames, make_synthetic, make_synthetic_macro, megc2019_composite, read_casme2,
+                          synthetic_root,
                           read_gt, read_samm, read_smic, read_truth, samm_5class, select_frames, square_box,
                           validate_against_gt)
 from amanlib.data.faces import render_faces, sample_face
@@ -66,7 +67,8 @@ def real_tables():
 def synthetic(tmp_path_factory):
     """The default synthetic set (12 subjects x 8 clips), generated once for the module."""
     root = tmp_path_factory.mktemp("synthetic")
-    return root, make_synthetic(root, seed=0), read_truth(root)
+    df = make_synthetic(root, seed=0)
+    return synthetic_root(root, seed=0), df, read_truth(synthetic_root(root, seed=0))
 
 
 # Readers on the real sheets
@@ -307,19 +309,51 @@ def test_synthetic_is_deterministic_and_cached(tmp_path):
     a = make_synthetic(tmp_path / "a", seed=3, **small)
     b = make_synthetic(tmp_path / "b", seed=3, **small)
     c = make_synthetic(tmp_path / "c", seed=4, **small)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    folder = synthetic_root(tmp_path / "a", seed=3, **small)
+    assert folder.name == synthetic_root(tmp_path / "b", seed=3, **small).name  # the key: seed and config only
+    assert _digest(folder) == _digest(synthetic_root(tmp_path / "b", seed=3, **small)) \
+        != _digest(synthetic_root(tmp_path / "c", seed=4, **small))
     pd.testing.assert_frame_equal(a.drop(columns="frames_dir"), b.drop(columns="frames_dir"))
-    stamp = (tmp_path / "a" / "synthetic.json").stat().st_mtime_ns
+    stamp = (folder / "done.json").stat().st_mtime_ns
     make_synthetic(tmp_path / "a", seed=3, **small)
-    assert (tmp_path / "a" / "synthetic.json").stat().st_mtime_ns == stamp  # cached: nothing rewritten
-    assert json.loads((tmp_path / "a" / "synthetic.json").read_text())["seed"] == 3
-    again = make_synthetic(tmp_path / "a", seed=4, **small)  # another seed replaces the old set
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "c") and len(again) == len(c)
-    (tmp_path / "d" / "Cropped").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="not made by"):
-        make_synthetic(tmp_path / "d")
+    assert (folder / "done.json").stat().st_mtime_ns == stamp  # cached: nothing rewritten
+    again = make_synthetic(tmp_path / "a", seed=4, **small)  # another seed: a folder of its own beside the first
+    assert synthetic_root(tmp_path / "a", seed=4, **small) != folder and (folder / "done.json").exists()
+    assert set(again["frames_dir"]).isdisjoint(a["frames_dir"]) and len(again) == len(c)
     with pytest.raises(TypeError, match="n_subject"):
         make_synthetic(tmp_path / "e", n_subject=3)
+
+
+def test_a_killed_generation_is_repaired_by_the_next_call(tmp_path, monkeypatch):
+    import amanlib.data.synthetic as synthetic
+    small = dict(n_subjects=2, clips_per_subject=2, frames=8, frames_jitter=1)
+    real = synthetic._write_sheet
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies after the frames, before the sheet and the stamp
+
+    monkeypatch.setattr(synthetic, "_write_sheet", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic(tmp_path, seed=1, **small)
+    folder = synthetic_root(tmp_path, seed=1, **small)
+    assert list(folder.rglob("*.jpg")) and not (folder / "done.json").exists()
+    monkeypatch.setattr(synthetic, "_write_sheet", real)
+    df = make_synthetic(tmp_path, seed=1, **small)
+    assert len(df) == 4 and (folder / "done.json").exists()
+    fresh = make_synthetic(tmp_path / "fresh", seed=1, **small)
+    assert _digest(folder) == _digest(synthetic_root(tmp_path / "fresh", seed=1, **small))
+    pd.testing.assert_frame_equal(df.drop(columns="frames_dir"), fresh.drop(columns="frames_dir"))
+
+
+def test_synthetic_honours_the_label_protocol(tmp_path):
+    small = dict(n_subjects=2, clips_per_subject=6, frames=8, frames_jitter=1)
+    three = make_synthetic(tmp_path, seed=0, **small)
+    five = make_synthetic(tmp_path, seed=0, label_protocol="casme2_5class", **small)
+    assert set(three["label_name"]) == {"negative", "positive", "surprise"}
+    assert set(five["label_name"]) <= {"happiness", "surprise", "disgust", "repression", "others"}
+    assert set(five["label_name"]) != set(three["label_name"]) and len(five) == len(three)
+    with pytest.raises(ValueError, match="samm_5class"):
+        make_synthetic(tmp_path, seed=0, label_protocol="samm_5class", **small)
 
 
 def test_synthetic_macro(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from amanlib.features import ResNet18Trunk, extract_features, load_fer_checkpoint, load_trunk, preprocess
+from amanlib.backbone import ResNet18Trunk, load_fer_checkpoint, load_trunk, preprocess
+from amanlib.features import extract_features
 from conftest import count_calls
 
 
@@ -72,7 +73,7 @@ def test_extract_features_batches_and_dtype():
         extract_features(torch.rand(3, 64, 64), trunk)
 
 
-def test_feature_cache_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+def test_feature_cache_resumes_and_keys_other_settings_apart(tmp_path, monkeypatch):
     import numpy as np
 
     import amanlib.features as features
@@ -94,16 +95,20 @@ def test_feature_cache_resumes_and_refuses_other_settings(tmp_path, monkeypatch)
     args = (index, mag, trunk, [1.0, 3.0], 2, tmp_path / "cache")
     with pytest.raises(KeyboardInterrupt):
         features.build_feature_cache(*args, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="incomplete"):
+    with pytest.raises(FileNotFoundError, match="no feature cache"):
         features.load_feature_cache(tmp_path / "cache")
     calls = count_calls(monkeypatch, features, "magnify_clip", real)
     out = features.build_feature_cache(*args, device="cpu", progress=False)
-    assert len(calls) == 2 and out.shape == (4, 2, 2, 256, 14, 14) and out.dtype == np.float16
-    cached, meta = features.load_feature_cache(tmp_path / "cache")
-    assert meta["factors"] == [1.0, 3.0] and np.abs(np.asarray(cached[3], np.float32)).sum() > 0
+    assert len(calls) == 2 and out.features.shape == (4, 2, 2, 256, 14, 14) and out.features.dtype == np.float16
+    cached = features.load_feature_cache(tmp_path / "cache", index)
+    assert cached.key == out.key and cached.factors == [1.0, 3.0]
+    assert np.abs(np.asarray(cached.features[3], np.float32)).sum() > 0
     with torch.inference_mode():
         direct = extract_features(real(index.iloc[3], mag, [1.0, 3.0], 2).flatten(0, 1), trunk, device="cpu",
                                   progress=False)
-    np.testing.assert_allclose(cached[3].reshape(4, 256, 14, 14).astype(np.float32), direct.numpy(), atol=2e-2, rtol=1e-2)
-    with pytest.raises(ValueError, match="other settings.*factors"):
-        features.build_feature_cache(index, mag, trunk, [1.0, 5.0], 2, tmp_path / "cache", device="cpu", progress=False)
+    np.testing.assert_allclose(cached.features[3].reshape(4, 256, 14, 14).astype(np.float32), direct.numpy(),
+                               atol=2e-2, rtol=1e-2)
+    other = features.build_feature_cache(index, mag, trunk, [1.0, 5.0], 2, tmp_path / "cache", device="cpu",
+                                         progress=False)  # other settings: a folder of their own, the old one kept
+    assert other.path != out.path and (out.path / "done.json").exists()
+    assert features.load_feature_cache(tmp_path / "cache").key == other.key

@@ -2,11 +2,14 @@
 import io
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from amanlib.cli import main
 from amanlib.notebooks import notebook_list, parse_params, run_notebooks
 from conftest import REFERENCE
 
@@ -89,13 +92,19 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
         monkeypatch.setenv("AMANLIB_MAGNET_CHECKPOINT", str(magnet))
     logs = REFERENCE / "megc_logs"
     params = {
-        "seed": 0, "data_dir": str(tmp_path / "data"), "synthetic_subjects": 3, "synthetic_clips_per_subject": 3,
+        "data_dir": str(tmp_path / "data"), "synthetic_subjects": 3, "synthetic_clips_per_subject": 3,
         "methods": ["learning", "eulerian", "phase"] if learning else ["eulerian", "phase"], "factors": [2, 4],
+        "sweep_factors": [1, 4],
         "magnifier": "learning" if learning else "eulerian", "download_magnet": False, "n_frames": 2,
         "backbone": "random", "epochs": 2, "other_logs": str(logs) if logs.exists() else None,
     }
-    results = tmp_path / "results"
-    done = run_notebooks(params, results_dir=results, cell_timeout=600)
+    monkeypatch.chdir(tmp_path)
+    argv = readme_batch_command(seed=0, rule="fixed") + ["--cell-timeout", "600"]
+    for name, value in params.items():
+        argv += ["-p", name, json.dumps(value)]
+    assert main(argv) == 0  # the README's own batch example, on tiny parameters
+    results = tmp_path / "runs" / "fixed-0"
+    done = sorted((results / "notebooks").glob("*.ipynb"))
     assert [p.stem for p in done] == EXPECTED
     for path in done:
         book = nbformat.read(path, as_version=4)
@@ -103,17 +112,18 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
         assert not [o for o in outputs if o.output_type == "error"]
         widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         assert not widgets, f"{path.name}: a headless run made widgets (progress bars or interact)"
-    assert "LOSO folds" in capsys.readouterr().err  # text progress streamed from the kernels
+    assert "training (variants x folds)" in capsys.readouterr().err  # text progress streamed from the kernels
     figures = {p.name for p in (results / "figures").glob("*.png")}
     for name in ["01_dataset_overview.png", "01_onset_apex_offset.png", "02_magnification.png",
                  "04_learning_curves.png", "04_ablations.png", "05_confusion.png", "05_alpha_by_class.png",
                  "05_beta_by_class.png", "05_protocol_gap.png"]:
         assert name in figures and (results / "figures" / name).stat().st_size > 5000, name
     metrics = json.loads((results / "metrics.json").read_text())
-    assert metrics["dataset"] == "synthetic" and metrics["protocol"] == "fixed" and metrics["clips"] == 9
+    assert metrics["dataset"] == "synthetic" and metrics["clips"] == 9
+    assert metrics["label_protocol"] == "megc2019_3class" and metrics["epoch_selection"] == "fixed"
     assert metrics["model"] == "AMAN, frozen layer4" and metrics["backbone"] == "random"
     assert metrics["factors"] == [1.0, 2.0, 4.0]
-    assert (results / metrics["run_dir"] / "aman" / "predictions.csv").exists()
+    assert (results / metrics["run_dir"] / "predictions.csv").exists()
     assert not Path(metrics["run_dir"]).is_absolute()  # the results folder can be moved or committed
     for key in ("uf1", "uar", "accuracy"):
         assert 0 <= metrics[key] <= 1
@@ -123,3 +133,36 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     assert metrics["protocol_gap"]["best epoch on test subject (optimistic)"]["accuracy"] >= metrics["accuracy"]
     if logs.exists():
         assert (results / "figures" / "05_confusion_ststnet_log.png").exists()
+    rerun_as_in_jupyterlab(results, params)
+
+
+def readme_batch_command(seed: int, rule: str) -> list[str]:
+    """The run-notebooks arguments of README's batch example for one seed and epoch rule."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"for seed in .*?done; done", readme, re.S).group(0)
+    line = next(line for line in block.splitlines() if "run-notebooks" in line)
+    args = shlex.split(line.replace("$seed", str(seed)).replace("$rule", rule))
+    return args[args.index("run-notebooks"):]
+
+
+def _cache_folders(results: Path) -> set:
+    return {p.relative_to(results) for p in (results / "work").glob("*/*") if p.is_dir()}
+
+
+def rerun_as_in_jupyterlab(results: Path, params: dict) -> None:
+    """Run 01..05 again as JupyterLab does after `make reproduce`: from notebooks/, the results folder given
+    relative to it. Every cache must be found again (no new folder) and the numbers must be the same."""
+    import papermill as pm
+
+    from amanlib.notebooks import NOTEBOOKS_DIR
+    before, metrics = _cache_folders(results), json.loads((results / "metrics.json").read_text())
+    (results / "jupyterlab").mkdir()
+    relative = {**params, "results_dir": os.path.relpath(results, NOTEBOOKS_DIR), "show_widgets": False,
+                "data_dir": os.path.relpath(params["data_dir"], NOTEBOOKS_DIR)}
+    for book in notebook_list():
+        mine = {k: v for k, v in relative.items() if k in pm.inspect_notebook(str(book))}
+        pm.execute_notebook(str(book), str(results / "jupyterlab" / book.name), parameters=mine, cwd=str(NOTEBOOKS_DIR),
+                            progress_bar=False, kernel_name="python3", execution_timeout=600)
+    assert _cache_folders(results) == before
+    again = json.loads((results / "metrics.json").read_text())
+    assert {k: again[k] for k in ("uf1", "uar", "run_dir")} == {k: metrics[k] for k in ("uf1", "uar", "run_dir")}

@@ -66,7 +66,7 @@ def test_full_model_is_deterministic(tmp_path):
     assert len(a.history) == 3 * 2 and set(a.history.columns) >= {"fold", "epoch", "lr", "train_loss", "test_acc"}
     assert a.history.lr.tolist()[:2] == pytest.approx([1e-3, 1e-3 * 0.2])  # StepLR(step 1 here, gamma 0.2)
     for name in ["predictions.csv", "history.csv", "scores.csv", "attention.npz", "megc_log.txt"]:
-        assert (tmp_path / "a" / name).exists()
+        assert (a.out_dir / name).exists()
 
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path, monkeypatch):
@@ -105,30 +105,31 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
     count_calls(monkeypatch, train, "train_fold", real, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_loso(x, index, cfg, tmp_path / "resumed", progress=False)
-    assert len(list((tmp_path / "resumed" / "folds").glob("*.pt"))) == 2
-    assert not list((tmp_path / "resumed" / "folds").glob(".*"))  # no half-written files
+    folds = [p for p in (tmp_path / "resumed").glob("*/folds")]
+    assert len(folds) == 1 and len(list(folds[0].glob("*.pt"))) == 2
+    assert not list(folds[0].glob(".*"))  # no half-written files
     calls = count_calls(monkeypatch, train, "train_fold", real)
     resumed = run_loso(x, index, cfg, tmp_path / "resumed", progress=False)
     assert len(calls) == 2  # only the two unfinished folds ran
     pd.testing.assert_frame_equal(resumed.predictions.drop(columns=["alpha", "beta"]),
                                   full.predictions.drop(columns=["alpha", "beta"]))
-    with pytest.raises(ValueError, match="other settings"):
-        run_loso(x, index, dataclasses.replace(cfg, lr=0.5), tmp_path / "resumed", progress=False)
+    other = run_loso(x, index, dataclasses.replace(cfg, lr=0.5), tmp_path / "resumed", progress=False)
+    assert other.out_dir != resumed.out_dir and other.config["lr"] == 0.5  # its own folder; nothing mixed
 
 
 def test_paper_protocol_is_optimistic(tmp_path):
     index = toy_index(n_subjects=6, per_subject=6)
     x = toy_pooled(index, signal=0.08)  # weak signal: held-out accuracy varies from epoch to epoch
     fixed = run_loso(x, index, TrainConfig(epochs=6, device="cpu"), tmp_path / "fixed", progress=False)
-    paper = run_loso(x, index, TrainConfig(epochs=6, device="cpu", protocol="paper"), tmp_path / "paper",
+    paper = run_loso(x, index, TrainConfig(epochs=6, device="cpu", epoch_selection="paper"), tmp_path / "paper",
                      progress=False)
     acc = lambda r: accuracy(r.predictions["gt"], r.predictions["pred"])
     assert acc(paper) >= acc(fixed)
     assert acc(paper) > acc(fixed)  # on this toy problem the per-subject best epoch must beat the last one
     # the same run already yields the optimistic numbers, so the gap can be shown without training twice
     np.testing.assert_array_equal(fixed.predictions.pred_best_test, paper.predictions.pred)
-    assert "OPTIMISTIC" in (tmp_path / "paper" / "megc_log.txt").read_text().splitlines()[0]
-    assert "optimistic" in paper.scores.protocol.iloc[0]
+    assert "OPTIMISTIC" in (paper.out_dir / "megc_log.txt").read_text().splitlines()[0]
+    assert "optimistic" in paper.scores.epoch_selection.iloc[0]
 
 
 def test_inner_val_never_sees_the_test_subject(tmp_path, monkeypatch):
@@ -141,7 +142,7 @@ def test_inner_val_never_sees_the_test_subject(tmp_path, monkeypatch):
         return seen[-1][1]
 
     monkeypatch.setattr(train, "_inner_val_subject", recording)
-    res = run_loso(toy_pooled(index), index, TrainConfig(**FAST, protocol="inner_val"), tmp_path, progress=False)
+    res = run_loso(toy_pooled(index), index, TrainConfig(**FAST, epoch_selection="inner_val"), tmp_path, progress=False)
     for (name, test, _), (train_rows, val) in zip(loso_folds(index), seen):
         assert set(val) <= set(train_rows) and set(val).isdisjoint(test) and len(val) == 6
     assert "val_uf1" in res.history and res.history.groupby("fold").val_uf1.count().eq(3).all()
@@ -150,7 +151,7 @@ def test_inner_val_never_sees_the_test_subject(tmp_path, monkeypatch):
 def test_predictions_round_trip_through_megc_log(tmp_path):
     index = toy_index(n_subjects=3, datasets=("smic", "casme2", "samm"))
     res = run_loso(toy_pooled(index), index, TrainConfig(**FAST), tmp_path, progress=False)
-    back = read_megc_log(tmp_path / "megc_log.txt")
+    back = read_megc_log(res.out_dir / "megc_log.txt")
     pd.testing.assert_frame_equal(back, res.predictions[["dataset", "subject", "clip", "gt", "pred"]]
                                   .reset_index(drop=True).astype({"gt": int, "pred": int}))
     assert list(res.scores.index) == ["full", "smic", "casme2", "samm"]
@@ -166,11 +167,13 @@ def test_frozen_layer4_and_ablations(tmp_path):
     names = [v.name for v in ablation_variants(factors)]
     assert names == ["AMAN", "magnification attention only", "frame attention only", "no magnification",
                      "single factor 2", "single factor 4"]
-    assert ablation_variants(factors)[0].factors == (1, 2)
+    assert ablation_variants(factors)[0].factor_slots == (1, 2)
     cfg = TrainConfig(**FAST, frozen_layer4=True, init_layer4_from=str(tmp_path / "trunk.pth"))
-    table = run_ablations(x, index, factors, cfg, tmp_path / "abl", progress=False)
+    table, runs = run_ablations(x, index, factors, cfg, tmp_path / "abl", progress=False)
     assert set(table.variant) == set(names) and set(table.subset) == {"full", "casme2"}
     assert (table.model == "AMAN, frozen layer4").all()
-    assert (tmp_path / "abl" / "pooled.pt").exists() and (tmp_path / "abl" / "ablations.csv").exists()
-    pooled = torch.load(tmp_path / "abl" / "pooled.pt")
+    assert runs["AMAN"].config["factors"] == [2.0, 4.0] and runs["no magnification"].config["factors"] == [1.0]
+    pooled_files = list((tmp_path / "abl" / "pooled").glob("*/pooled.pt"))
+    assert len(pooled_files) == 1  # pooled once for all variants
+    pooled = torch.load(pooled_files[0])
     assert pooled.shape == (12, 2, 3, 512)

@@ -4,18 +4,23 @@ from .composite import (CASME2_5CLASS, MEGC2019, MEGC2019_EXCLUDED, SAMM_5CLASS,
                         apply_protocol, casme2_5class, class_counts, megc2019_3class, megc2019_composite, read_gt,
                         samm_5class, validate_against_gt)
 from .facecrop import FaceNotFoundError, HaarFaceDetector, crop_clip, crop_faces, square_box
-from .frames import (clip_frame_paths, estimate_apex, fill_apex, load_clip_frames, select_frame_numbers,
+from .frames import (clip_frame_paths, estimate_apex, fill_apex, largest_motion_clip, load_clip_frames,
+                     select_frame_numbers,
                      select_frames)
 from .readers import COLUMNS, check_frames, frame_index, read_casme2, read_samm, read_smic
+from .sources import DATASETS, LABEL_PROTOCOLS, Sources, load_dataset
 from .synthetic import (MACRO_CLASSES, MacroConfig, SyntheticConfig, make_synthetic, make_synthetic_macro,
-                        read_truth)
+                        read_truth, synthetic_root)
 
 __all__ = [
+    "DATASETS", "LABEL_PROTOCOLS", "Sources", "load_dataset",
     "COLUMNS", "read_casme2", "read_samm", "read_smic", "check_frames", "frame_index",
     "Protocol", "MEGC2019", "MEGC2019_EXCLUDED", "CASME2_5CLASS", "SAMM_5CLASS", "apply_protocol",
     "megc2019_3class", "megc2019_composite", "casme2_5class", "samm_5class", "class_counts",
     "read_gt", "validate_against_gt", "GTReport",
-    "clip_frame_paths", "select_frame_numbers", "select_frames", "estimate_apex", "fill_apex", "load_clip_frames",
+    "clip_frame_paths", "select_frame_numbers", "select_frames", "estimate_apex", "fill_apex", "largest_motion_clip",
+    "load_clip_frames",
     "HaarFaceDetector", "FaceNotFoundError", "square_box", "crop_clip", "crop_faces",
     "SyntheticConfig", "MacroConfig", "MACRO_CLASSES", "make_synthetic", "make_synthetic_macro", "read_truth",
+    "synthetic_root",
 ]

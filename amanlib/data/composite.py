@@ -47,8 +47,9 @@ MEGC2019 = Protocol(
 CASME2_5CLASS = Protocol(
     name="casme2_5class",
     classes=("happiness", "surprise", "disgust", "repression", "others"),
-    mapping={"casme2": {e: e for e in ("happiness", "surprise", "disgust", "repression", "others")}},
-    dropped={"casme2": frozenset({"fear", "sadness"})},
+    mapping={name: {e: e for e in ("happiness", "surprise", "disgust", "repression", "others")}
+             for name in ("casme2", "synthetic")},
+    dropped={"casme2": frozenset({"fear", "sadness"}), "synthetic": frozenset()},
 )
 SAMM_5CLASS = Protocol(
     name="samm_5class",

@@ -14,6 +14,9 @@ from ..runtime import progress_bar
 from .readers import frame_index
 
 ApexMethod = Literal["diff", "middle"]
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # start-of-image + first marker; end-of-image marker
+PNG_START, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"  # signature; IEND chunk type and its CRC
+IMAGE_PADDING = b"\x00 \t\r\n"  # what some writers append after the end marker
 
 
 def _clip_name(row: Mapping) -> str:
@@ -61,6 +64,32 @@ def select_frames(row: Mapping, n: int = 10) -> list[Path]:
     return _paths_for(row, select_frame_numbers(int(row["onset"]), int(apex), n).tolist())
 
 
+def _truncated(data: bytes) -> bool:
+    """A JPEG without its end-of-image marker or a PNG without its IEND chunk (trailing padding allowed)."""
+    end = data.rstrip(IMAGE_PADDING)
+    if data.startswith(JPEG_START):
+        return not end.endswith(JPEG_END)
+    return data.startswith(PNG_START) and not end.endswith(PNG_END)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """An image file as BGR uint8 [H, W, 3], decoded by OpenCV; a truncated or undecodable file is an error
+    naming it (cv2.imread would decode a truncated JPEG half grey with only a warning)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    if not data:
+        raise ValueError(f"{path}: corrupt or truncated image (the file is empty)")
+    if _truncated(data):
+        raise ValueError(f"{path}: corrupt or truncated image (it does not end with its format's end marker; "
+                         f"{len(data)} bytes)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: corrupt or truncated image (OpenCV cannot decode its {len(data)} bytes)")
+    return image
+
+
 def load_clip_frames(paths: Sequence[str | Path], size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """Images -> float tensor [N, 3, H, W] in [0, 1], RGB (grey images, e.g. SAMM, repeated to 3 channels);
     `size` (H, W) or an int for square resizes each image (area averaging when shrinking)."""
@@ -68,9 +97,7 @@ def load_clip_frames(paths: Sequence[str | Path], size: int | tuple[int, int] | 
         size = (size, size)
     images = []
     for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"cannot read image {path}")
+        image = _read_image(Path(path))
         if size is not None and image.shape[:2] != tuple(size):
             shrink = size[0] < image.shape[0] and size[1] < image.shape[1]
             image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -81,6 +108,11 @@ def load_clip_frames(paths: Sequence[str | Path], size: int | tuple[int, int] | 
     if len(shapes) > 1:
         raise ValueError(f"frames differ in size {sorted(shapes)}; pass size=... (first frame {paths[0]})")
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255)  # N, 3, H, W
+
+
+def largest_motion_clip(index: pd.DataFrame) -> int:
+    """Row number of the clip with the most frames from onset to apex."""
+    return int((index["apex"] - index["onset"]).reset_index(drop=True).idxmax())
 
 
 def estimate_apex(frames: torch.Tensor | Sequence[str | Path], method: ApexMethod = "diff",

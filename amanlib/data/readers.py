@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Literal
 
@@ -30,12 +31,17 @@ _FRAME_NUMBER = re.compile(r"(\d+)$")
 
 def frame_index(frames_dir: str | Path) -> dict[int, Path]:
     """Frame number -> image path for a clip folder; the number is the digits ending the file stem
-    (reg_img46.jpg, img46.jpg, 006_05562.jpg, image106720.bmp)."""
+    (reg_img46.jpg, img46.jpg, 006_05562.jpg, image106720.bmp). Hidden files (macOS ._reg_img46.jpg) are
+    skipped; two files with one number (reg_img046.jpg beside reg_img46.jpg) are an error naming both."""
     index = {}
-    for path in Path(frames_dir).iterdir():
+    for path in sorted(Path(frames_dir).iterdir()):
         match = _FRAME_NUMBER.search(path.stem)
-        if path.suffix.lower() in IMAGE_SUFFIXES and match:
-            index[int(match.group(1))] = path
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not match:
+            continue
+        number = int(match.group(1))
+        if number in index:
+            raise ValueError(f"{index[number]} and {path} are both frame {number}: keep one of them")
+        index[number] = path
     return index
 
 
@@ -130,11 +136,36 @@ def _frames_root(frames_root: str | Path) -> Path:
     return root
 
 
-def _read_excel(path: str | Path, **kwargs) -> pd.DataFrame:
-    path = Path(path)
+def _file_start(path: Path) -> str:
+    """What a file begins with, for errors: its first line when that is text, else its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(80)
+    if not head:
+        return "an empty file"
+    line = head.decode("utf-8-sig", errors="replace").split("\n")[0].rstrip("\r")
+    return f"text starting {line!r}" if line.isprintable() and "\ufffd" not in line else f"bytes {head[:16]!r}"
+
+
+def _open_workbook(path: Path) -> pd.ExcelFile:
+    """The Excel workbook at path; an error naming the file when it is missing or no workbook (a renamed CSV)."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist")
-    return pd.read_excel(path, **kwargs)
+    try:
+        return pd.ExcelFile(path)
+    except (ValueError, KeyError, zipfile.BadZipFile) as err:  # pandas' answers for files of another format
+        raise _sheet_error(path, f"not an Excel workbook (.xlsx or .xls); found {_file_start(path)}") from err
+
+
+def _clean_text(value):
+    """Text without UTF-8 BOMs and surrounding spaces (a BOM must never become part of a subject or clip name)."""
+    return value.replace("\ufeff", "").strip() if isinstance(value, str) else value
+
+
+def _read_excel(path: str | Path, **kwargs) -> pd.DataFrame:
+    """A sheet of an annotation workbook (pandas.read_excel keywords) with headers and text cells cleaned."""
+    with _open_workbook(Path(path)) as workbook:
+        sheet = pd.read_excel(workbook, **kwargs)
+    return sheet.rename(columns=_clean_text).apply(lambda column: column.map(_clean_text))
 
 
 def casme2_subject(value) -> str:
@@ -190,12 +221,11 @@ def read_samm(codes_xlsx: str | Path, frames_root: str | Path | None = None, on_
     """SAMM_Micro_FACS_Codes_v2.xlsx (sheet MICRO_ONLY; the header row, 14 in v2, is found by its column
     names) -> clip table; frames under <root>/006/006_1_2/006_05562.jpg."""
     source = Path(codes_xlsx)
-    if not source.is_file():
-        raise FileNotFoundError(f"annotation file {source} does not exist")
-    sheets = pd.ExcelFile(source).sheet_names
+    with _open_workbook(source) as workbook:
+        sheets = workbook.sheet_names
     if sheet not in sheets:
         raise _sheet_error(source, f"no sheet {sheet!r}; sheets are {sheets}")
-    raw = pd.read_excel(source, sheet_name=sheet, header=None)
+    raw = _read_excel(source, sheet_name=sheet, header=None)
     header = _find_header_row(raw, [SAMM_COLUMNS["subject"], SAMM_COLUMNS["clip"]], source)
     table = raw.iloc[header + 1:]
     table.columns = [str(c).strip() for c in raw.iloc[header]]

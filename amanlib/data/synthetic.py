@@ -1,6 +1,6 @@
 """Synthetic micro-expression data in CASME II's own layout, the embedded default for users without a licence.
 
-`make_synthetic` writes root/Cropped/sub01/EP01_01/reg_imgN.jpg and a coding sheet with the columns of the
+`make_synthetic` writes root/<key>/Cropped/sub01/EP01_01/reg_imgN.jpg and a coding sheet with the columns of the
 2014 CASME II sheet, then reads them back with `read_casme2` and labels them with the MEGC2019 rules. Each
 class is its own facial action at the real place (see faces.action_fields), rising from onset to apex and
 falling to offset, with a peak displacement of a fraction of a pixel to 2 px whose size is a property of
@@ -10,9 +10,7 @@ model with large expressions, a stand-in for FER+ when pre-training the feature 
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -24,18 +22,18 @@ import openpyxl
 import pandas as pd
 import torch
 
-from .composite import megc2019_3class
+from .. import cache
+from .composite import casme2_5class, megc2019_3class
 from .faces import EMOTION_AUS, action_fields, render_faces, sample_face, warp
 from .readers import read_casme2
 
 SHEET_NAME = "CASME2-coding-synthetic.xlsx"
 TRUTH_NAME = "synthetic_truth.csv"
-STAMP_NAME = "synthetic.json"
-MACRO_STAMP_NAME = "synthetic_macro.json"
 SHEET_HEADER = ["Subject", "Filename", None, "OnsetFrame", "ApexFrame", "OffsetFrame", None, "Action Units",
                 "Estimated Emotion"]  # as in CASME2-coding-20140508.xlsx, blank columns included
 CLASS_EMOTIONS = {"negative": ("disgust", "repression"), "positive": ("happiness",), "surprise": ("surprise",)}
 MACRO_CLASSES = ("negative", "positive", "surprise", "neutral")
+SYNTHETIC_PROTOCOLS = {"megc2019_3class": megc2019_3class, "casme2_5class": casme2_5class}  # CASME II emotions
 
 
 @dataclass(frozen=True)
@@ -88,23 +86,6 @@ def _config(cls, config, overrides):
     if unknown:
         raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; fields are {sorted(asdict(config))}")
     return replace(config, **overrides)
-
-
-def _prepare_root(root: Path, stamp: dict, stamp_name: str, outputs: list[str]) -> bool:
-    """True when root already holds exactly this data set; otherwise clear what an earlier call made."""
-    stamp_file = root / stamp_name
-    if stamp_file.is_file():
-        if json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
-            return True
-        for name in outputs:
-            target = root / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        stamp_file.unlink()
-    elif any((root / name).exists() for name in outputs):
-        raise FileExistsError(f"{root} holds {outputs} not made by amanlib's synthetic generator; "
-                              "choose an empty folder")
-    root.mkdir(parents=True, exist_ok=True)
-    return False
 
 
 def _write_jpegs(frames: torch.Tensor, paths: list[Path], quality: int) -> None:
@@ -183,22 +164,37 @@ def _write_sheet(path: Path, rows: list[list]) -> None:
     book.save(path)
 
 
+def synthetic_root(root: str | Path, seed: int = 0, config: SyntheticConfig | None = None, **overrides) -> Path:
+    """The folder under root that holds (or will hold) the synthetic set of this seed and config."""
+    return cache.Entry(root, _micro_inputs(seed, _config(SyntheticConfig, config, overrides)), "synthetic").path
+
+
+def _micro_inputs(seed: int, cfg: SyntheticConfig) -> dict:
+    return {"generator": "amanlib.data.make_synthetic", "version": 1, "seed": seed, "config": asdict(cfg)}
+
+
 def make_synthetic(root: str | Path, seed: int = 0, config: SyntheticConfig | None = None,
-                   **overrides) -> pd.DataFrame:
-    """Write the synthetic CASME II-format set under root (skipped when root already holds the same seed and
-    config) and return its clip table with MEGC2019 labels (dataset 'synthetic'). Keyword overrides set
-    SyntheticConfig fields, e.g. make_synthetic(root, n_subjects=4). The truth per clip (peak displacement,
-    blink frame, ...) is in root/synthetic_truth.csv."""
+                   label_protocol: str = "megc2019_3class", **overrides) -> pd.DataFrame:
+    """Write the synthetic CASME II-format set into a folder of its own under root (named by the key of seed
+    and config, so other seeds sit beside it and a half-written folder is rebuilt) and return its clip table
+    labelled by `label_protocol` (megc2019_3class or casme2_5class; dataset 'synthetic'). Keyword overrides
+    set SyntheticConfig fields, e.g. make_synthetic(root, n_subjects=4). The truth per clip (peak
+    displacement, blink frame, ...) is in synthetic_root(...)/synthetic_truth.csv (read_truth)."""
     cfg = _config(SyntheticConfig, config, overrides)
-    if cfg.n_subjects < 1 or cfg.clips_per_subject < 1 or cfg.frames - cfg.frames_jitter < 3 or cfg.size < 32:
-        raise ValueError(f"synthetic config too small: {cfg}")
-    root = Path(root)
-    stamp = {"generator": "amanlib.data.make_synthetic", "version": 1, "seed": seed, "config": asdict(cfg)}
-    if not _prepare_root(root, stamp, STAMP_NAME, ["Cropped", SHEET_NAME, TRUTH_NAME]):
+    if label_protocol not in SYNTHETIC_PROTOCOLS:
+        raise ValueError(f"label_protocol {label_protocol!r} cannot label the synthetic set (it has CASME II's "
+                         f"emotions); use one of {sorted(SYNTHETIC_PROTOCOLS)}")
+    if cfg.n_subjects < 2 or cfg.clips_per_subject < 1 or cfg.frames - cfg.frames_jitter < 3 or cfg.size < 32:
+        raise ValueError(f"synthetic config too small (LOSO needs 2 subjects or more): {cfg}")
+
+    def build(folder: Path) -> dict:
         with _single_threaded():
-            _generate_micro(root, seed, cfg)
-        (root / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
-    return megc2019_3class(read_casme2(root / SHEET_NAME, root / "Cropped", dataset="synthetic"))
+            _generate_micro(folder, seed, cfg)
+        return {"clips": cfg.n_subjects * cfg.clips_per_subject}
+
+    folder = cache.build_once(root, _micro_inputs(seed, cfg), "synthetic", build).path
+    return SYNTHETIC_PROTOCOLS[label_protocol](read_casme2(folder / SHEET_NAME, folder / "Cropped",
+                                                           dataset="synthetic"))
 
 
 def _generate_micro(root: Path, seed: int, cfg: SyntheticConfig) -> None:
@@ -235,26 +231,30 @@ def read_truth(root: str | Path) -> pd.DataFrame:
     """The per-clip truth make_synthetic wrote: emotion, action units, frames, peak_px, blink_frame, drift."""
     path = Path(root) / TRUTH_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run make_synthetic({str(root)!r}) first")
+        raise FileNotFoundError(f"{path} does not exist: pass the folder synthetic_root(...) names, after "
+                                "make_synthetic")
     return pd.read_csv(path, dtype={"subject": str, "clip": str}).astype({"blink_frame": "Int64"})
 
 
 def make_synthetic_macro(root: str | Path, seed: int = 0, config: MacroConfig | None = None,
                          **overrides) -> pd.DataFrame:
     """Write single images of large, clearly visible expressions (negative, positive, surprise at several
-    intensities, plus neutral) under root/macro/<subject>/ and return a table with columns
-    path, subject, emotion, label, label_name, intensity_px. The faces come from the same model as
-    make_synthetic but are other people (as FER+ holds other people than the micro-expression sets)."""
+    intensities, plus neutral) into a keyed folder under root and return a table with columns
+    path, subject, emotion, label, label_name, intensity_px (df.attrs['key'] is the set's cache key). The
+    faces come from the same model as make_synthetic but are other people (as FER+ holds other people than
+    the micro-expression sets)."""
     cfg = _config(MacroConfig, config, overrides)
-    root = Path(root)
-    stamp = {"generator": "amanlib.data.make_synthetic_macro", "version": 1, "seed": seed, "config": asdict(cfg)}
-    table = root / "macro.csv"
-    if not _prepare_root(root, stamp, MACRO_STAMP_NAME, ["macro", "macro.csv"]):
+    inputs = {"generator": "amanlib.data.make_synthetic_macro", "version": 1, "seed": seed, "config": asdict(cfg)}
+
+    def build(folder: Path) -> dict:
         with _single_threaded():
-            _generate_macro(root, seed, cfg).to_csv(table, index=False)
-        (root / MACRO_STAMP_NAME).write_text(json.dumps(stamp, indent=1))
-    df = pd.read_csv(table, dtype={"subject": str, "path": str, "emotion": str, "label_name": str})
-    df["path"] = [str(root / p) for p in df["path"]]
+            _generate_macro(folder, seed, cfg).to_csv(folder / "macro.csv", index=False)
+        return {}
+
+    entry = cache.build_once(root, inputs, "synthetic_macro", build)
+    df = pd.read_csv(entry.path / "macro.csv", dtype={"subject": str, "path": str, "emotion": str, "label_name": str})
+    df["path"] = [str(entry.path / p) for p in df["path"]]
+    df.attrs["key"] = entry.key
     return df
 
 

@@ -5,10 +5,14 @@ learning-based network ("learning"), linear Eulerian ("eulerian") and phase-base
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from amanlib.magnify.base import Magnifier
 from amanlib.magnify.checkpoint import (
     MAGNET_SHA256,
     MAGNET_URL,
+    WHERE_TO_GET,
     default_checkpoint_path,
     download_magnet_checkpoint,
     verify_checkpoint,
@@ -18,6 +22,7 @@ from amanlib.magnify.learning import LearningBasedMagnifier
 from amanlib.magnify.phase import PhaseConfig, PhaseMagnifier
 
 METHODS = ("learning", "eulerian", "phase")
+log = logging.getLogger(__name__)
 
 
 def load_magnifier(name: str, **kwargs) -> Magnifier:
@@ -39,6 +44,22 @@ def load_magnifier(name: str, **kwargs) -> Magnifier:
     raise ValueError(f"unknown magnifier {name!r}; choose one of {', '.join(METHODS)}")
 
 
+def magnifier_for(method: str, checkpoint=None, download: bool = True, device="auto") -> Magnifier:
+    """A magnifier by name; for 'learning' the authors' checkpoint (default_checkpoint_path() when None),
+    downloaded and verified first when it is absent and `download` allows."""
+    if method != "learning":
+        return load_magnifier(method)
+    path = Path(checkpoint) if checkpoint else default_checkpoint_path()
+    if not path.exists() and download:
+        log.warning("magnification checkpoint %s is absent: downloading the authors' file", path)
+        try:
+            download_magnet_checkpoint(path)
+        except OSError as e:
+            raise RuntimeError(f"could not download the magnification checkpoint to {path} ({e}); {WHERE_TO_GET}, "
+                               "and pass its path as magnet_checkpoint (or set AMANLIB_MAGNET_CHECKPOINT)") from e
+    return load_magnifier("learning", checkpoint=path, device=device)
+
+
 __all__ = [
     "METHODS",
     "MAGNET_SHA256",
@@ -52,5 +73,6 @@ __all__ = [
     "default_checkpoint_path",
     "download_magnet_checkpoint",
     "load_magnifier",
+    "magnifier_for",
     "verify_checkpoint",
 ]

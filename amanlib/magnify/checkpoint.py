@@ -1,7 +1,6 @@
 """The AMAN authors' learning-based magnification weights: where they live, how to fetch, verify and read them."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -9,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from amanlib.checkpoints import read_state_dict
+from amanlib.cache import file_digest
 from amanlib.runtime import atomic_write
 
 MAGNET_FILENAME = "learning_based_mag.pth.tar"
@@ -28,11 +29,7 @@ def default_checkpoint_path() -> Path:
 
 
 def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def verify_checkpoint(path: str | Path, sha256: str = MAGNET_SHA256) -> Path:
@@ -77,12 +74,6 @@ def load_magnet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"learning-based magnification checkpoint not found at {path}; {WHERE_TO_GET}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for non-checkpoint files; all mean the same here
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err}); {WHERE_TO_GET}") from err
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"{path} holds no 'state_dict' of tensors, so it is not the magnification checkpoint; {WHERE_TO_GET}"
-        )
-    return {k.removeprefix("module."): v for k, v in state.items()}
+        return read_state_dict(path, "learning-based magnification checkpoint")
+    except ValueError as err:
+        raise ValueError(f"{err}; {WHERE_TO_GET}") from err
