@@ -24,6 +24,7 @@ MAGNET_REF := $(abspath $(REFERENCE)/magnet/learning_based_mag.pth.tar)
 reproduce: $(STAMP)
 	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \
 		$(PY) -m amanlib run-notebooks $(ARGS)
+	$(PY) -m amanlib readme
 
 test: $(STAMP)
 	$(PY) -m pytest -ra

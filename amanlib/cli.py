@@ -37,6 +37,13 @@ def _score(args) -> None:
         print(megc_scores(read_megc_log(path)).round(4).to_string())
 
 
+def _readme(args) -> None:
+    from .results import read_metrics, render_readme
+    changed = render_readme(args.readme, read_metrics(args.results))
+    state = "updated" if changed else "already up to date"
+    print(f"{args.readme}: results table {state} from {args.results}/metrics.json")
+
+
 def _run_notebooks(args) -> None:
     from .notebooks import parse_params, run_notebooks
     params = parse_params(args.params, args.p)
@@ -67,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop with an error when one cell runs longer (default: no limit)")
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
     run.set_defaults(func=_run_notebooks)
+    readme = sub.add_parser("readme", help="render README's results table from results/metrics.json")
+    readme.add_argument("--results", default="results", help="results folder holding metrics.json")
+    readme.add_argument("--readme", default="README.md", help="the README to update")
+    readme.set_defaults(func=_readme)
     return parser
 
 

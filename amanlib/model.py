@@ -24,10 +24,10 @@ class AMAN(nn.Module):
     """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14]."""
 
     def __init__(self, num_classes: int, in_channels: int = 256, init_layer4_from: str | Path | None = None,
-                 use_alpha: bool = True, use_beta: bool = True, channels_last: bool = False):
+                 use_alpha: bool = True, use_beta: bool = True, channels_last: bool = False, layer4: bool = True):
         super().__init__()
         self.use_alpha, self.use_beta, self.channels_last = use_alpha, use_beta, channels_last  # ablation switches
-        self.layer4 = make_layer4(in_channels)
+        self.layer4 = make_layer4(in_channels) if layer4 else None  # None: features come pooled (frozen layer4)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # magnification attention
         self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # frame attention

@@ -32,6 +32,7 @@ class Kind(str, enum.Enum):
     STR = "str"
     PATH = "path"
     FLOATS = "list of floats"
+    INTS = "list of integers"
     STRS = "list of str"
     CHOICE = "choice"
 
@@ -93,6 +94,8 @@ def _describe_kind(p: Param) -> str:
         return f"one of {_alternatives(p.choices)}"
     if p.kind is Kind.FLOATS:
         return f"a non-empty list of finite numbers{_bound(p)}"
+    if p.kind is Kind.INTS:
+        return f"a non-empty list of integers{_bound(p)}"
     if p.kind is Kind.STRS:
         return f"a non-empty list, each one of {_alternatives(p.choices)}" if p.choices else "a non-empty list of text"
     if p.kind is Kind.PATH:
@@ -118,8 +121,8 @@ _ALL = NOTEBOOKS
 _MAGNET = (_MAG, _FEAT)
 _PARAMS = [
     # 01_dataset_prep
-    Param("seed", Kind.INT, 0, (_DATA, _MAG, _FEAT, _TRAIN), "random seed of every stage (data, initialisation, folds)",
-          min=0),
+    Param("seed", Kind.INT, 0, (_DATA, _MAG, _FEAT), "seed of the data generation and the trunk pre-training "
+          "(notebook 04 trains once per entry of seeds)", min=0),
     Param("dataset", Kind.CHOICE, "synthetic", (_DATA,), "the generated synthetic set or a real one (paths below)",
           choices=("synthetic", "casme2", "samm", "smic", "composite")),
     Param("label_protocol", Kind.CHOICE, "megc2019_3class", (_DATA,),
@@ -185,6 +188,8 @@ _PARAMS = [
     Param("batch_size", Kind.INT, 4, (_TRAIN,), "clips per training step", min=1),
     Param("lr", Kind.FLOAT, 1e-3, (_TRAIN,), "RMSprop learning rate", min=0, min_exclusive=True),
     Param("frozen_layer4", Kind.BOOL, None, (_TRAIN,), "None: frozen on CPU, full model on GPU", none_ok=True),
+    Param("seeds", Kind.INTS, [0, 1, 2, 3, 4], (_TRAIN,), "training seeds: every variant is trained once per seed",
+          min=0, rule=lambda v: len(set(v)) == len(v), rule_text="without repeats"),
     Param("ablations", Kind.BOOL, True, (_TRAIN,), "also train the ablation variants"),
     Param("amp", Kind.BOOL, None, (_TRAIN,), "None: bf16/fp16 autocast on CUDA", none_ok=True),
     # 05_confusion_analysis
@@ -307,10 +312,11 @@ def _convert(p: Param, v, flags: Mapping[str, Any]):
                 or (p.pattern and not re.fullmatch(p.pattern, v)):
             raise _Invalid
         out = v
-    elif p.kind in (Kind.FLOATS, Kind.STRS):
+    elif p.kind in (Kind.FLOATS, Kind.INTS, Kind.STRS):
         if not isinstance(v, (list, tuple)) or not v:
             raise _Invalid
-        item = Param(p.name, Kind.FLOAT if p.kind is Kind.FLOATS else Kind.CHOICE if p.choices else Kind.STR,
+        item_kind = {Kind.FLOATS: Kind.FLOAT, Kind.INTS: Kind.INT}.get(p.kind, Kind.CHOICE if p.choices else Kind.STR)
+        item = Param(p.name, item_kind,
                      None, p.notebooks, p.help, min=p.min, min_exclusive=p.min_exclusive, choices=p.choices)
         out = [_convert(item, x, flags) for x in v]
     elif p.kind is Kind.PATH:

@@ -199,3 +199,49 @@ def score_bars(table: pd.DataFrame, x: str, title: str, metrics=("uf1", "uar")):
         label.set_horizontalalignment("right")
     fig.tight_layout()
     return fig
+
+
+def ablation_ci_bars(summary: pd.DataFrame, title: str, metrics=("uf1", "uar")):
+    """Mean UF1/UAR per variant over seeds with 95% CI error bars (summary: stats.bootstrap_scores)."""
+    variants = list(summary.index)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(variants) * len(metrics)), 3.8))
+    width = 0.8 / len(metrics)
+    x = np.arange(len(variants))
+    for j, metric in enumerate(metrics):
+        mean = summary[metric].to_numpy()
+        err = np.stack([mean - summary[f"{metric}_ci_lo"].to_numpy(), summary[f"{metric}_ci_hi"].to_numpy() - mean])
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=metric)
+    ax.set_xticks(x, variants, rotation=30, ha="right")
+    ax.set(title=title, ylim=(0, 1), ylabel="score (mean over seeds, 95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def comparisons_forest(comparisons: pd.DataFrame, title: str):
+    """Forest plot: a minus b with its 95% CI per variant and metric, and the zero line."""
+    metrics = list(dict.fromkeys(comparisons["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.35 * comparisons["b"].nunique() + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        part = comparisons[comparisons["metric"] == metric].reset_index(drop=True)
+        lo, hi = np.stack(part["ci"].to_list()).T
+        y = np.arange(len(part))[::-1]
+        ax.errorbar(part["diff"], y, xerr=[part["diff"] - lo, hi - part["diff"]], fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=1, ls="--")
+        ax.set_yticks(y, part["b"])
+        ax.set(title=f"{metric}: {part['a'].iloc[0]} minus variant", xlabel="difference (95% CI)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def mechanism_scatter(truth_px: np.ndarray, preferred: np.ndarray, result: dict, title: str):
+    """Each clip's preferred factor (alpha-weighted) against its true peak displacement, rho in the title."""
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    ax.scatter(truth_px, preferred, s=12, alpha=0.7)
+    ax.set(xlabel="true peak displacement (px)", ylabel="preferred factor (alpha-weighted)",
+           title=f"{title}\nSpearman rho {result['spearman_r']:.2f} (95% CI {result['ci'][0]:.2f} to "
+                 f"{result['ci'][1]:.2f}, p {result['p_value']:.3g}, n {result['n']})")
+    fig.tight_layout()
+    return fig

@@ -74,8 +74,11 @@ def update_metrics(results_dir, **fields) -> dict:
     results_dir so the folder can move."""
     path = Path(results_dir) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
+    relative = lambda p: Path(p).resolve().relative_to(Path(results_dir).resolve()).as_posix()  # noqa: E731
     if "run_dir" in fields:
-        fields["run_dir"] = Path(fields["run_dir"]).resolve().relative_to(Path(results_dir).resolve()).as_posix()
+        fields["run_dir"] = relative(fields["run_dir"])
+    if "run_dirs" in fields:
+        fields["run_dirs"] = [relative(p) for p in fields["run_dirs"]]
     metrics.update(fields)
     save_json(metrics, path)
     return metrics
@@ -89,8 +92,13 @@ def read_metrics(results_dir) -> dict:
 
 
 def metrics_run_dir(results_dir, metrics: dict) -> Path:
-    """The AMAN run folder metrics.json points at (stored relative to results_dir, or absolute)."""
+    """The AMAN run folder (first seed) metrics.json points at (stored relative to results_dir, or absolute)."""
     return Path(results_dir) / metrics["run_dir"]
+
+
+def aman_runs(results_dir, metrics: dict) -> list["LOSOResult"]:
+    """The AMAN runs of every seed metrics.json names."""
+    return [LOSOResult.load(Path(results_dir) / p) for p in metrics["run_dirs"]]
 
 
 @dataclass
@@ -156,24 +164,118 @@ def headline(metrics: dict) -> str:
                       indent=1)
 
 
-def record_training(results_dir, index: pd.DataFrame, cache, aman: LOSOResult, table: pd.DataFrame) -> dict:
-    """Write metrics.json anew from a training run: everything in it comes from the run, its features and
-    the clip table it was trained on, so no field can describe another run."""
-    cfg, p = aman.config, aman.predictions
+def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.DataFrame, comparisons: pd.DataFrame,
+                    mechanism: dict | None, reference: str = "AMAN") -> dict:
+    """Write metrics.json anew from a sweep (every variant x seed) and its statistics: everything in it comes
+    from the runs, their features and the clip table they were trained on, so no field can describe another run."""
+    runs = {seed: run for (variant, seed), run in sweep.runs.items() if variant == reference}
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    cfg = first.config
     info = read_index_info(results_dir)
-    full = table[table.subset == "full"]
+    per_seed = sweep.scores[sweep.scores["subset"] == "full"]
+    ablations = {}
+    for variant, row in summary.iterrows():
+        mine = per_seed[per_seed["variant"] == variant].sort_values("seed")
+        ablations[variant] = {
+            **{m: float(row[m]) for m in ("uf1", "uar", "accuracy")},
+            **{f"{m}_std": float(row[f"{m}_std"]) for m in ("uf1", "uar")},
+            **{f"{m}_ci": [float(row[f"{m}_ci_lo"]), float(row[f"{m}_ci_hi"])] for m in ("uf1", "uar")},
+            "per_seed": {m: mine[m].astype(float).tolist() for m in ("uf1", "uar", "accuracy")}}
+    aman = ablations[reference]
+    optimistic = pd.DataFrame([scores(r.predictions["gt"], r.predictions["pred_best_test"]) for r in runs.values()])
+    subsets = sweep.scores[(sweep.scores["variant"] == reference)].groupby("subset")[["uf1", "uar", "accuracy"]].mean()
     fields = {
         "dataset": info["dataset"], "label_protocol": info["label_protocol"],
-        "epoch_selection": cfg["epoch_selection"], "optimistic": aman.optimistic,
+        "epoch_selection": cfg["epoch_selection"], "optimistic": first.optimistic,
         "model": "AMAN, frozen layer4" if cfg["frozen_layer4"] else "AMAN", "backbone": cache.backbone["name"],
         "magnifier": cache.inputs["magnifier"]["name"], "factors": cache.factors, "n_frames": cache.inputs["n_frames"],
-        "clips": len(index), "subjects": int((index.dataset + "/" + index.subject).nunique()), "seed": cfg["seed"],
-        **{k: v for k, v in scores(p["gt"], p["pred"]).items() if k != "n"},
-        "per_subset": aman.scores.drop(columns="epoch_selection").to_dict(orient="index"),
-        "paper_protocol_on_same_run": scores(p["gt"], p["pred_best_test"]),
-        "ablations": {r.variant: {"uf1": r.uf1, "uar": r.uar, "accuracy": r.accuracy} for r in full.itertuples()},
-        "run_dir": aman.out_dir,
+        "clips": len(index), "subjects": int((index.dataset + "/" + index.subject).nunique()),
+        "seed": info["seed"], "seeds": seeds,
+        "uf1": aman["uf1"], "uar": aman["uar"], "accuracy": aman["accuracy"],
+        "uf1_ci": aman["uf1_ci"], "uar_ci": aman["uar_ci"],
+        "per_subset": subsets.to_dict(orient="index"),
+        "paper_protocol_on_same_run": optimistic.mean().to_dict(),
+        "ablations": ablations,
+        "comparisons": [] if comparisons is None else [
+            {"a": r.a, "b": r.b, "metric": r.metric, "diff": float(r.diff), "ci": [float(x) for x in r.ci],
+             "p_value": float(r.p_value)} for r in comparisons.itertuples()],
+        "mechanism": mechanism,
+        "method": STATS_METHOD,
+        "run_dir": first.out_dir,
+        "run_dirs": [runs[s].out_dir for s in seeds],
     }
     path = Path(results_dir) / "metrics.json"
     path.unlink(missing_ok=True)  # a new run: nothing of an earlier one survives
     return update_metrics(results_dir, **fields)
+
+
+STATS_METHOD = ("95% CIs: percentile bootstrap over subjects and training seeds together (2,000 resamples, seeded; "
+                "clips of one subject move together); differences between variants: the same paired resampling, and "
+                "a two-sided sign-flip permutation test over subjects on per-subject differences averaged over seeds.")
+
+
+def comparisons_text(comparisons: pd.DataFrame) -> str:
+    """In words: which differences to AMAN exclude zero."""
+    lines = []
+    for metric, part in comparisons.groupby("metric", sort=False):
+        clear = [f"{r.b} ({r.diff:+.3f}, CI {r.ci[0]:+.3f} to {r.ci[1]:+.3f}, p {r.p_value:.3g})"
+                 for r in part.itertuples() if r.ci[0] > 0 or r.ci[1] < 0]
+        a = part["a"].iloc[0]
+        lines.append(f"**{metric.upper()}**: {a} differs from " + ("; ".join(clear) if clear else "no variant")
+                     + f" with a 95% CI excluding zero; for the other {len(part) - len(clear)} variants the data "
+                     "cannot tell the difference from zero.")
+    return "\n\n".join(lines)
+
+
+def variant_table(metrics: dict) -> pd.DataFrame:
+    """Per variant: mean UF1/UAR with 95% CIs, and the difference to AMAN with its CI and p-value."""
+    diffs = {(c["b"], c["metric"]): c for c in metrics["comparisons"]}
+    rows = []
+    for variant, a in metrics["ablations"].items():
+        row = {"variant": variant}
+        for m in ("uf1", "uar"):
+            row[m.upper()] = f"{a[m]:.3f} [{a[m + '_ci'][0]:.3f}, {a[m + '_ci'][1]:.3f}]"
+            c = diffs.get((variant, m))
+            row[f"AMAN - variant, {m.upper()}"] = (f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], "
+                                                   f"p {c['p_value']:.3g}") if c else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def readme_table(metrics: dict) -> str:
+    """README's results block, rendered from metrics.json: the run in one line, the table of variants, the
+    half-width of the key comparison, the mechanism check and the method."""
+    table = variant_table(metrics)
+    head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
+    rows = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
+    run = (f"{metrics['model']} on {metrics['dataset']} ({metrics['clips']} clips, {metrics['subjects']} subjects, "
+           f"label protocol {metrics['label_protocol']}), epoch selection {metrics['epoch_selection']}, backbone "
+           f"{metrics['backbone']}, magnifier {metrics['magnifier']} at factors {metrics['factors']}, "
+           f"{metrics['n_frames']} frames, training seeds {metrics['seeds']}.")
+    notes = [run, (head + rows).rstrip("\n")]
+    key = [c for c in metrics["comparisons"] if c["b"] == "no magnification" and c["metric"] == "uf1"]
+    if key:
+        half = (key[0]["ci"][1] - key[0]["ci"][0]) / 2
+        notes.append(f"AMAN minus no magnification, UF1: {key[0]['diff']:+.3f}, 95% CI half-width {half:.3f}.")
+    if metrics.get("mechanism"):
+        from .stats import mechanism_text
+        notes.append(f"Mechanism check: {mechanism_text(metrics['mechanism'])}")
+    notes.append(metrics["method"])
+    return "\n\n".join(notes) + "\n"
+
+
+README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
+
+
+def render_readme(readme: str | Path, metrics: dict) -> bool:
+    """Replace README's results table (between its markers) by the one rendered from metrics; True if it changed."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the markers {README_START!r} and {README_END!r}")
+    head, rest = text.split(README_START, 1)
+    new = head + README_START + "\n" + readme_table(metrics) + README_END + rest.split(README_END, 1)[1]
+    if new != text:
+        atomic_write(readme, lambda tmp: tmp.write_text(new))
+    return new != text

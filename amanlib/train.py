@@ -128,11 +128,9 @@ class _Fold:
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.model = AMAN(num_classes, in_channels=256 if self.pooled else features.shape[3],
-                          use_alpha=cfg.use_alpha, use_beta=cfg.use_beta,
+                          use_alpha=cfg.use_alpha, use_beta=cfg.use_beta, layer4=not self.pooled,
                           channels_last=cfg.channels_last and device.type != "cpu").to(device)
-        if self.pooled:  # layer4 already applied (frozen): only attention and classifier train
-            self.model.layer4.requires_grad_(False)
-        elif cfg.init_layer4_from:
+        if not self.pooled and cfg.init_layer4_from:
             self.model.load_layer4(cfg.init_layer4_from)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -384,6 +382,11 @@ def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar) 
         gt, pred = labels[rows].numpy(), np.concatenate([r["pred"] for _, r in done])
         bar.update()
         bar.set_postfix(uf1=f"{uf1(gt, pred):.3f}", uar=f"{uar(gt, pred):.3f}")
+    _finish_run(entry, cfg, done, index, labels, factors, slots, num_classes)
+
+
+def _finish_run(entry, cfg, done, index, labels, factors, slots, num_classes) -> None:
+    """Collect the folds' results, write the run's files, then its stamp."""
     config = {**entry.inputs["config"], "key": entry.key, "features_key": entry.inputs["features"],
               "factors": [factors[k] for k in slots] if factors else None, "num_classes": num_classes}
     result = _collect(done, index, labels, cfg, entry.path, config)
@@ -436,35 +439,6 @@ def ablation_variants(factors) -> list[Variant]:
         variants.append(Variant("no magnification", (factors.index(1.0),)))
     variants += [Variant(f"single factor {factors[k]:g}", (k,)) for k in magnified]
     return variants
-
-
-def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
-                  runs_dir: str | Path = "results/work/runs", variants: list[Variant] | None = None,
-                  progress: bool = True) -> tuple[pd.DataFrame, dict[str, LOSOResult]]:
-    """Every variant with the same features, folds and settings, one progress bar over all their folds.
-    Returns the table of UF1/UAR/accuracy per variant and subset, and each variant's run."""
-    cfg = cfg or TrainConfig()
-    tensor, key, known = _unpack(prepare_features(features, cfg, runs_dir, progress))  # pooled once for all variants
-    factors = [float(f) for f in factors] if factors is not None else known
-    if factors is None:
-        raise ValueError("run_ablations: pass the factor values of these features (factors=...)")
-    if len(factors) != tensor.shape[2]:
-        raise ValueError(f"{len(factors)} factor values given for features with {tensor.shape[2]} factor slots")
-    features = Keyed(tensor, key, factors)
-    variants = variants or ablation_variants(factors)
-    n_folds = len(loso_folds(index))
-    tables, runs = [], {}
-    with progress_bar(total=len(variants) * n_folds, desc="training (variants x folds)", disable=not progress) as bar:
-        for v in variants:
-            vcfg = dataclasses.replace(cfg, factor_slots=v.factor_slots, use_alpha=v.use_alpha, use_beta=v.use_beta)
-            runs[v.name] = res = run_loso(features, index, vcfg, runs_dir, progress=progress, bar=bar)
-            bar.set_postfix(last=v.name, uf1=f"{res.scores.loc['full', 'uf1']:.3f}")
-            tables.append(res.scores.drop(columns="epoch_selection").rename_axis("subset").reset_index()
-                          .assign(variant=v.name))
-    table = pd.concat(tables, ignore_index=True)[["variant", "subset", "uf1", "uar", "accuracy", "n"]]
-    table["model"] = model_name(cfg)
-    table["epoch_selection"] = cfg.epoch_selection + (" (optimistic)" if cfg.optimistic else "")
-    return table, runs
 
 
 def resolve_frozen_layer4(frozen_layer4: bool | None, device="auto") -> bool:

@@ -112,11 +112,11 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
         assert not [o for o in outputs if o.output_type == "error"]
         widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         assert not widgets, f"{path.name}: a headless run made widgets (progress bars or interact)"
-    assert "training (variants x folds)" in capsys.readouterr().err  # text progress streamed from the kernels
+    assert "training (variants x seeds x folds)" in capsys.readouterr().err  # text progress streamed from the kernels
     figures = {p.name for p in (results / "figures").glob("*.png")}
     for name in ["01_dataset_overview.png", "01_onset_apex_offset.png", "02_magnification.png",
                  "04_learning_curves.png", "04_ablations.png", "05_confusion.png", "05_alpha_by_class.png",
-                 "05_beta_by_class.png", "05_protocol_gap.png"]:
+                 "05_beta_by_class.png", "05_protocol_gap.png", "04_comparisons.png", "05_mechanism.png"]:
         assert name in figures and (results / "figures" / name).stat().st_size > 5000, name
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["dataset"] == "synthetic" and metrics["clips"] == 9
@@ -130,6 +130,10 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     assert set(metrics["ablations"]) == {"AMAN", "magnification attention only", "frame attention only",
                                          "no magnification", "single factor 2", "single factor 4"}
     assert metrics["ablations"]["AMAN"]["uf1"] == pytest.approx(metrics["uf1"])
+    assert metrics["seeds"] == [0, 1, 2, 3, 4] and len(metrics["run_dirs"]) == 5  # notebook 04's default
+    assert len(metrics["comparisons"]) == 2 * 5 and metrics["mechanism"]["n"] == 9
+    lo, hi = metrics["uf1_ci"]
+    assert lo <= metrics["uf1"] <= hi
     assert metrics["protocol_gap"]["best epoch on test subject (optimistic)"]["accuracy"] >= metrics["accuracy"]
     if logs.exists():
         assert (results / "figures" / "05_confusion_ststnet_log.png").exists()

@@ -96,7 +96,7 @@ def test_schema_entries_are_typed_and_shared_names_are_shared():
     ("epochs", "abc", "epochs (04_training): expected an integer >= 1, got 'abc'"),
     ("epochs", True, "epochs (04_training): expected an integer >= 1, got True"),
     ("epochs", 2.0, "got 2.0"),
-    ("seed", -1, "seed (01_dataset_prep, 02_magnification, 03_feature_extraction, 04_training): expected an "
+    ("seed", -1, "seed (01_dataset_prep, 02_magnification, 03_feature_extraction): expected an "
                  "integer >= 0, got -1"),
     ("lr", 0, "lr (04_training): expected a finite number > 0, got 0"),
     ("lr", math.nan, "got nan"),

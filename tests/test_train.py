@@ -7,7 +7,8 @@ import torch
 
 import amanlib.train as train
 from amanlib.metrics import accuracy, read_megc_log
-from amanlib.train import TrainConfig, ablation_variants, loso_folds, run_ablations, run_loso
+from amanlib.sweep import run_ablations
+from amanlib.train import TrainConfig, ablation_variants, loso_folds, run_loso
 from conftest import count_calls
 
 
@@ -169,7 +170,8 @@ def test_frozen_layer4_and_ablations(tmp_path):
                      "single factor 2", "single factor 4"]
     assert ablation_variants(factors)[0].factor_slots == (1, 2)
     cfg = TrainConfig(**FAST, frozen_layer4=True, init_layer4_from=str(tmp_path / "trunk.pth"))
-    table, runs = run_ablations(x, index, factors, cfg, tmp_path / "abl", progress=False)
+    table, result = run_ablations(x, index, factors, cfg, tmp_path / "abl", progress=False)
+    runs = {v: r for (v, _), r in result.runs.items()}
     assert set(table.variant) == set(names) and set(table.subset) == {"full", "casme2"}
     assert (table.model == "AMAN, frozen layer4").all()
     assert runs["AMAN"].config["factors"] == [2.0, 4.0] and runs["no magnification"].config["factors"] == [1.0]

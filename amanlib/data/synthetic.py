@@ -236,6 +236,18 @@ def read_truth(root: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"subject": str, "clip": str}).astype({"blink_frame": "Int64"})
 
 
+def truth_for(index: pd.DataFrame) -> pd.DataFrame | None:
+    """The synthetic truth of the clips of a clip table (its rows, in order), or None when it holds real data."""
+    if not (index["dataset"] == "synthetic").all():
+        return None
+    folders = {Path(d).parents[2] for d in index["frames_dir"]}  # <key>/Cropped/subXX/EPYY -> <key>
+    truth = pd.concat([read_truth(f) for f in sorted(folders)])
+    merged = index[["subject", "clip"]].astype(str).merge(truth, on=["subject", "clip"], how="left", validate="1:1")
+    if merged["peak_px"].isna().any():
+        raise ValueError(f"synthetic truth lacks {int(merged['peak_px'].isna().sum())} clips of the clip table")
+    return merged
+
+
 def make_synthetic_macro(root: str | Path, seed: int = 0, config: MacroConfig | None = None,
                          **overrides) -> pd.DataFrame:
     """Write single images of large, clearly visible expressions (negative, positive, surprise at several
