@@ -18,19 +18,22 @@ from .backbone import preprocess
 from .cache import KEY_FILE, KEY_LENGTH, STAMP_FILE, Entry, file_digest, tensor_digest
 from .data import load_clip_frames, select_frame_numbers, select_frames
 from .results import save_json
-from .runtime import atomic_write, progress_bar, resolve_device
+from .runtime import atomic_write, autocast, progress_bar, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current.json"  # under the features root: the key of the cache built last
+REBUILD = "build the features again (amanlib.features.build_feature_cache; notebook 03_feature_extraction)"
 BACKBONE_FILE = "backbone.json"  # in a cache folder: the trunk's name and checkpoint file (not part of the key)
 DEFAULT_FACTORS = [2.0, 3.25, 4.5, 5.75, 7.0, 8.25, 9.5, 10.75, 12.0]  # 9 over 2-12
 
 
 @torch.inference_mode()
 def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 64, device="auto",
-                     dtype: torch.dtype = torch.float32, progress: bool = True) -> torch.Tensor:
-    """Run images [N, 3, H, W] in [0, 1] through preprocess + trunk in batches -> [N, 256, 14, 14] on CPU."""
+                     dtype: torch.dtype = torch.float32, progress: bool = True,
+                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run images [N, 3, H, W] in [0, 1] through preprocess + trunk in batches -> [N, 256, 14, 14] on CPU, as
+    `dtype`; with `autocast_dtype` (bf16) the trunk computes under autocast."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"extract_features expects images [N, 3, H, W], got {tuple(images.shape)}")
     device = resolve_device(device)
@@ -39,7 +42,8 @@ def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 6
     starts = range(0, len(images), batch_size)
     for start in progress_bar(starts, desc="features", disable=not progress, leave=False):
         batch = preprocess(images[start:start + batch_size].to(device, torch.float32))
-        out.append(trunk(batch.contiguous(memory_format=torch.channels_last)).to("cpu", dtype))
+        with autocast(device, autocast_dtype is not None, autocast_dtype):
+            out.append(trunk(batch.contiguous(memory_format=torch.channels_last)).to("cpu", dtype))
     return torch.cat(out) if out else torch.empty(0, 256, 14, 14, dtype=dtype)
 
 
@@ -49,8 +53,7 @@ def magnify_clip(row, magnifier, factors, n_frames: int, size: int | None = None
     A factor of 1 is the unmagnified frame itself (the 'no magnification' input), not a network pass.
     """
     images = load_clip_frames(select_frames(row, n_frames + 1), size).to(device)  # F+1, 3, H, W (onset first)
-    frames = images[1:]
-    onset = images[:1].expand_as(frames)
+    frames, onset = images[1:], images[:1]  # the onset is prepared once for all frames
     factors = [float(f) for f in factors]
     magnified = [f for f in factors if f != 1.0]
     out = frames[:, None].expand(-1, len(factors), -1, -1, -1).clone()  # F, K, 3, H, W
@@ -78,9 +81,9 @@ def magnifier_inputs(magnifier, name: str) -> dict:
             "dtype": str(getattr(magnifier, "autocast_dtype", None))}
 
 
-def trunk_inputs(trunk: nn.Module) -> dict:
-    """A trunk's identity: its weights' digest and BatchNorm mode (running statistics, eval)."""
-    return {"weights": tensor_digest(trunk.state_dict()), "bn": "running"}
+def trunk_inputs(trunk: nn.Module, autocast_dtype: torch.dtype | None = None) -> dict:
+    """A trunk's identity: its weights' digest, BatchNorm mode (running statistics, eval) and compute dtype."""
+    return {"weights": tensor_digest(trunk.state_dict()), "bn": "running", "dtype": str(autocast_dtype)}
 
 
 @dataclass
@@ -131,15 +134,17 @@ def factor_set(factors=None, include_unmagnified: bool = True) -> list[float]:
 
 def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root: str | Path,
                         magnifier_name: str = "", size: int | None = None, batch_size: int = 64, device="auto",
-                        progress: bool = True) -> FeatureCache:
+                        precision: str = "fp32", progress: bool = True) -> FeatureCache:
     """Magnify every clip and run the trunk into root/<key>/features.f16 ([N, F, K, 256, 14, 14] float16).
 
     The key covers every frame file read (by content), onset/apex, factors, magnifier, size and trunk, so
     changed inputs get a folder of their own. Clips already done are skipped: an interrupted run resumes.
     `backbone` is an amanlib.backbone.Backbone (its name and checkpoint are kept with the cache, for
-    layer4) or a bare trunk module.
+    layer4) or a bare trunk module. `precision` is the trunk's (fp32, bf16, or auto: bf16 where the device
+    has it natively); the magnifier has its own (magnify.magnifier_for).
     """
     trunk = getattr(backbone, "trunk", backbone)
+    autocast_dtype = resolve_precision(precision, device)
     factors = [float(f) for f in factors]
     if not factors or not all(np.isfinite(factors)) or min(factors) < 1:
         raise ValueError(f"build_feature_cache: factors must be finite numbers >= 1, got {factors}")
@@ -148,11 +153,11 @@ def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root
     rows = index.reset_index(drop=True)
     inputs = {"clips": [clip_inputs(row, n_frames) for _, row in rows.iterrows()], "factors": factors,
               "n_frames": int(n_frames), "size": size, "magnifier": magnifier_inputs(magnifier, magnifier_name),
-              "trunk": {"name": getattr(backbone, "name", "unnamed"), **trunk_inputs(trunk)}}
+              "trunk": {"name": getattr(backbone, "name", "unnamed"), **trunk_inputs(trunk, autocast_dtype)}}
     entry = Entry(root, inputs, "features")
     if not entry.done:
         with entry.writing():
-            _fill(entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress)
+            _fill(entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress, autocast_dtype)
     checkpoint = getattr(backbone, "checkpoint", None)
     save_json({"name": inputs["trunk"]["name"], "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
                "note": getattr(backbone, "note", "")}, entry.path / BACKBONE_FILE)
@@ -160,7 +165,8 @@ def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root
     return _open(entry.path, entry.key)
 
 
-def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress) -> None:
+def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress,
+          autocast_dtype) -> None:
     if entry.done:  # finished by another run while we waited for the lock
         return
     shape = (len(rows), n_frames, len(factors), 256, 14, 14)
@@ -181,7 +187,8 @@ def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_s
     for i in progress_bar(todo, desc="magnify + features", disable=not progress or not len(todo)):
         with torch.inference_mode():
             clip = magnify_clip(rows.loc[i], magnifier, factors, n_frames, size, device)  # F, K, 3, H, W
-        feats = extract_features(clip.flatten(0, 1), trunk, batch_size, device, torch.float16, progress=False)
+        feats = extract_features(clip.flatten(0, 1), trunk, batch_size, device, torch.float16, progress=False,
+                                 autocast_dtype=autocast_dtype)
         if not torch.isfinite(feats).all():
             raise ValueError(f"clip {entry.inputs['clips'][i]['clip']}: its features hold NaN or inf (magnified "
                              "images out of range?); nothing of it was cached")
@@ -213,8 +220,7 @@ def load_feature_cache(root: str | Path, index=None) -> FeatureCache:
     key = json.loads(pointer.read_text())["key"]
     path = root / key[:KEY_LENGTH]
     if not (path / STAMP_FILE).is_file():
-        raise ValueError(f"feature cache {path} is incomplete: run notebook 03_feature_extraction again "
-                         "(it resumes where it stopped)")
+        raise ValueError(f"feature cache {path} is incomplete: {REBUILD}; it resumes where it stopped")
     cache = _open(path, key)
     if index is not None:
         check_matches(cache, index)
@@ -227,11 +233,10 @@ def check_matches(cache: FeatureCache, index) -> None:
     n_frames = cache.inputs["n_frames"]
     if len(rows) != len(cache.inputs["clips"]):
         raise ValueError(f"the clip table has {len(rows)} clips but the features in {cache.path} were built for "
-                         f"{len(cache.inputs['clips'])}: run notebook 03_feature_extraction again")
+                         f"{len(cache.inputs['clips'])}: {REBUILD}")
     for i, row in rows.iterrows():
         if clip_inputs(row, n_frames) != cache.inputs["clips"][i]:
             raise ValueError(f"row {i} of the clip table ({row['dataset']}/{row['subject']}/{row['clip']}) is not "
                              f"what the features in {cache.path} were built from (clip "
                              f"{cache.inputs['clips'][i]['clip']}"
-                             "; rows reordered, frames or onset/apex changed?): run notebook 03_feature_extraction "
-                             "again")
+                             f"; rows reordered, frames or onset/apex changed?): {REBUILD}")

@@ -87,7 +87,8 @@ def update_metrics(results_dir, **fields) -> dict:
 def read_metrics(results_dir) -> dict:
     path = Path(results_dir) / "metrics.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train first (notebook 04_training)")
+        raise FileNotFoundError(f"{path} not found: train first (amanlib.sweep.run_ablations and "
+                                "amanlib.results.record_training; notebook 04_training)")
     return json.loads(path.read_text())
 
 

@@ -46,6 +46,31 @@ def progress_bar(iterable=None, **kwargs):
     return std_tqdm(iterable, **kwargs)
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def native_bf16(device: str | torch.device = "cpu", cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the device computes bf16 natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX
+    (elsewhere bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu" or not Path(cpuinfo).is_file():
+        return False
+    flags = set(Path(cpuinfo).read_text().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The autocast dtype of a precision setting: None for 'fp32', bfloat16 for 'bf16', and for 'auto' bf16
+    where the device has it natively, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(resolve_device(device)) else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a CPU generator for explicit use (shuffling, init)."""
     random.seed(seed)

@@ -23,8 +23,9 @@ from .metrics import uf1
 from .model import AMAN
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
-from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _inner_val_subject, _unpack,
-                    ablation_variants, check_finite, loso_folds, model_name, prepare_features, run_inputs, run_loso)
+from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix, _inner_val_subject, _unpack,
+                    ablation_variants, check_finite, clip_names, loso_folds, model_name, prepare_features, run_inputs,
+                    run_loso)
 
 RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
 CHUNK_ELEMENTS = 2 ** 24  # floats of one step's gathered batch per chunk of models (about 64 MB)
@@ -61,7 +62,8 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
     seeds = _seeds(seeds)
     index = index.reset_index(drop=True)
     labels = _check_index(index)
-    tensor, key, known = _unpack(prepare_features(features, cfg, runs_dir, progress))
+    features = prepare_features(features, cfg, runs_dir, progress)
+    tensor, key, known = _unpack(features)
     factors = [float(f) for f in factors] if factors is not None else known
     if factors is None:
         raise ValueError("run_sweep: pass the factor values of these features (factors=...)")
@@ -76,10 +78,10 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
     with progress_bar(total=len(jobs) * len(folds), desc="training (variants x seeds x folds)",
                       disable=not progress) as bar:
         if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
-            keyed = Keyed(tensor, key, factors)
+            keyed = Keyed(tensor, key, factors, _fix(features))
             runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar) for v, s, c in jobs}
         else:
-            runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar)
+            runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features))
     return _gather(runs)
 
 
@@ -109,12 +111,12 @@ def _gather(runs: dict[tuple[str, int], LOSOResult]) -> SweepResult:
                        scores[first + [c for c in scores if c not in first]], runs)
 
 
-def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar) -> dict:
+def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, fix: str) -> dict:
     entries = [Entry(runs_dir, run_inputs(key, index, c), "LOSO run") for _, _, c in jobs]
     todo = [i for i, e in enumerate(entries) if not e.done]
     bar.update((len(jobs) - len(todo)) * len(folds))
     if todo:
-        check_finite(tensor, index)
+        check_finite(tensor, clip_names(index), fix)
         cfg = jobs[todo[0]][2]
         device = resolve_device(cfg.device)
         num_classes = cfg.num_classes or int(labels.max()) + 1

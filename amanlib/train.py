@@ -228,6 +228,15 @@ class Keyed:
     features: torch.Tensor
     key: str
     factors: list[float] | None = None
+    fix: str = "check the features passed in"  # what to do when they turn out corrupt
+
+
+def _fix(features) -> str:
+    """What to do when these features hold NaN or inf."""
+    if isinstance(features, FeatureCache):
+        return (f"the feature cache is corrupt: delete it (rm -r {features.path}) and build it again "
+                "(amanlib.features.build_feature_cache; notebook 03_feature_extraction)")
+    return features.fix if isinstance(features, Keyed) else "check the features passed in"
 
 
 def _unpack(features) -> tuple[torch.Tensor, str, list[float] | None]:
@@ -278,23 +287,27 @@ def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress:
             if not entry.done:
                 pooled = pool_features(tensor, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress,
                                        seed=cfg.seed)
-                check_finite(pooled, None, "pooled features")
+                clips = features.clips if isinstance(features, FeatureCache) else None
+                check_finite(pooled, clips, _fix(features), "pooled features")
                 torch_save_atomic(pooled, entry.path / "pooled.pt")
                 entry.finish({"shape": list(pooled.shape)})
-    return Keyed(torch.load(entry.path / "pooled.pt", weights_only=True), entry.key, factors)
+    return Keyed(torch.load(entry.path / "pooled.pt", weights_only=True), entry.key, factors, _fix(features))
 
 
-def check_finite(features: torch.Tensor, index: pd.DataFrame | None, what: str = "features") -> None:
-    """Raise naming the clips whose features hold NaN or inf (checked in chunks: memmaps stay on disk)."""
+def check_finite(features: torch.Tensor, clips: list[str] | None, fix: str, what: str = "features") -> None:
+    """Raise naming the clips whose features hold NaN or inf, and `fix` (checked in chunks: memmaps stay on disk)."""
     bad = []
     for start in range(0, len(features), 64):
         chunk = features[start:start + 64].float()
         bad += (start + torch.nonzero(~torch.isfinite(chunk.flatten(1)).all(1)).flatten()).tolist()
     if bad:
-        names = [f"{r.dataset}/{r.subject}/{r.clip}" for r in index.iloc[bad[:5]].itertuples()] if index is not None \
-            else [f"row {i}" for i in bad[:5]]
-        raise ValueError(f"{what} of {len(bad)} clip(s) hold NaN or inf, e.g. {names}: the feature cache is "
-                         "corrupt; build it again (notebook 03_feature_extraction)")
+        names = [clips[i] if clips is not None else f"row {i}" for i in bad[:5]]
+        raise ValueError(f"{what} of {len(bad)} clip(s) hold NaN or inf, e.g. {names}: {fix}")
+
+
+def clip_names(index: pd.DataFrame) -> list[str]:
+    """'dataset/subject/clip' per row."""
+    return index[["dataset", "subject", "clip"]].astype(str).agg("/".join, axis=1).tolist()
 
 
 def _check_index(index: pd.DataFrame) -> torch.Tensor:
@@ -352,7 +365,7 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
         if not entry.done:
             with entry.writing():
                 if not entry.done:
-                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar)
+                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, _fix(features))
         else:
             bar.update(len(folds))
     finally:
@@ -361,8 +374,8 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     return LOSOResult.load(entry.path)
 
 
-def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar) -> None:
-    check_finite(tensor, index)
+def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str) -> None:
+    check_finite(tensor, clip_names(index), fix)
     num_classes = cfg.num_classes or int(labels.max()) + 1
     if cfg.num_workers:
         torch.set_num_threads(cfg.num_workers)

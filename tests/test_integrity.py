@@ -48,7 +48,7 @@ def test_a_new_seed_never_gets_the_old_features(tmp_path):
     old = _build(seed0, tmp_path / "features")
     seed1 = make_synthetic(tmp_path / "data", seed=1, **SMALL)  # same clip names, other frames and labels
     assert seed1[["subject", "clip"]].equals(seed0[["subject", "clip"]])
-    with pytest.raises(ValueError, match="run notebook 03_feature_extraction again"):
+    with pytest.raises(ValueError, match="build the features again"):
         load_feature_cache(tmp_path / "features", seed1)  # 03 was not re-run: 04 refuses the seed-0 features
     new = _build(seed1, tmp_path / "features")  # the advice: build again -> a folder of its own
     assert new.key != old.key and (old.path / "done.json").exists()
@@ -165,3 +165,31 @@ def test_a_folder_of_other_inputs_is_refused_with_advice_that_works(tmp_path):
         cache.build_once(tmp_path, {"x": 2}, "test", lambda folder: {})
     shutil.rmtree(re.search(r"rm -r (\S+)\)", str(err.value)).group(1))  # the advice, followed
     assert cache.build_once(tmp_path, {"x": 2}, "test", lambda folder: {"ok": True}).stamp() == {"ok": True}
+
+
+def test_a_corrupt_feature_cache_is_named_and_the_advice_works(tmp_path):
+    index = make_synthetic(tmp_path / "data", seed=0, **SMALL)
+    built = _build(index, tmp_path / "features")
+    data = np.lib.format.open_memmap(built.path / "features.f16", mode="r+")
+    data[1, 0, 1, 5] = np.nan  # a bit flip on disk, a NaN from a broken magnifier run, ...
+    data.flush()
+    del data
+    cache_ = load_feature_cache(tmp_path / "features", index)
+    for cfg in (TrainConfig(**FAST), TrainConfig(**FAST, frozen_layer4=True)):
+        with pytest.raises(ValueError, match=r"synthetic/sub01/EP02_01.*rm -r (\S+)\)") as err:
+            run_loso(cache_, index, cfg, tmp_path / "runs", progress=False)
+    shutil.rmtree(re.search(r"rm -r (\S+)\)", str(err.value)).group(1))  # the advice, followed
+    rebuilt = _build(index, tmp_path / "features")
+    assert rebuilt.key == built.key and np.isfinite(np.asarray(rebuilt.features, np.float32)).all()
+    run_loso(load_feature_cache(tmp_path / "features", index), index, TrainConfig(**FAST), tmp_path / "runs",
+             progress=False)
+
+
+def test_an_unfinished_feature_cache_says_so_and_resumes(tmp_path):
+    index = make_synthetic(tmp_path / "data", seed=0, **SMALL)
+    built = _build(index, tmp_path / "features")
+    (built.path / "done.json").unlink()  # as if the process died before the stamp
+    with pytest.raises(ValueError, match="incomplete: build the features again"):
+        load_feature_cache(tmp_path / "features", index)
+    assert _build(index, tmp_path / "features").key == built.key  # the advice: build again, it resumes
+    assert load_feature_cache(tmp_path / "features", index).key == built.key

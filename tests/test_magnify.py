@@ -79,11 +79,13 @@ def face_pair():
 # ---------------------------------------------------------------- learning-based
 
 @pytest.mark.slow
-def test_learning_reproduces_all_32_golden_images(magnet, reference):
-    """The authors' demo: both frames Resize((384, 384)) on PIL, all 32 factors; each output >= 40 dB vs their JPEG."""
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_learning_reproduces_all_32_golden_images(magnet, reference, dtype):
+    """The authors' demo: both frames Resize((384, 384)) on PIL, all 32 factors; each output >= 40 dB vs their JPEG,
+    in fp32 and under bf16 autocast alike."""
     tt = transforms.Compose([transforms.Resize((384, 384)), transforms.ToTensor()])
     onset, apex = (tt(Image.open(reference("magnet", "frames", n)))[None] for n in ("reg_img46.jpg", "reg_img59.jpg"))
-    out = magnet(onset, apex, GOLDEN_FACTORS)  # 1, 32, 3, 384, 384
+    out = LearningBasedMagnifier(magnet.net, autocast_dtype=dtype)(onset, apex, GOLDEN_FACTORS)  # 1, 32, 3, 384, 384
     assert out.shape == (1, 32, 3, 384, 384)
     ours = out[0].mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # save_image's rounding
     scores = {}
@@ -230,8 +232,10 @@ def test_classic_batched_equals_per_factor(make):
 def test_bad_input_gets_clear_errors(name):
     m = load_magnifier(name)
     x = torch.rand(2, 3, 32, 32)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="frames' shape"):
         m(x, torch.rand(2, 3, 32, 30), [2.0])
+    with pytest.raises(ValueError, match="batch 1"):
+        m(x, torch.rand(3, 3, 32, 32), [2.0])  # two onsets for three frames
     with pytest.raises(ValueError, match=r"frames values must lie in \[0, 1\]"):
         m(x, x * 255, [2.0])
     with pytest.raises(ValueError, match=r"onset values must lie in \[0, 1\]"):
@@ -264,3 +268,15 @@ def test_default_checkpoint_location_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("AMANLIB_MAGNET_CHECKPOINT", str(tmp_path / "here.pth.tar"))
     with pytest.raises(FileNotFoundError, match="here.pth.tar"):
         load_magnifier("learning", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["learning", "eulerian", "phase"])
+def test_one_onset_for_all_frames_equals_the_onset_repeated(name, reference):
+    """magnify_clip passes the clip's onset once ([1, 3, H, W]): prepared once, same result as repeating it."""
+    m = load_magnifier(name, checkpoint=reference("magnet", "learning_based_mag.pth.tar"), device="cpu") \
+        if name == "learning" else load_magnifier(name)
+    g = torch.Generator().manual_seed(0)
+    onset, frames = torch.rand(1, 3, 40, 48, generator=g), torch.rand(3, 3, 40, 48, generator=g)
+    once = m(onset, frames, [1.0, 3.0, 6.0])
+    repeated = m(onset.expand(3, -1, -1, -1), frames, [1.0, 3.0, 6.0])
+    torch.testing.assert_close(once, repeated, atol=1e-4, rtol=0)

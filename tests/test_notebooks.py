@@ -170,3 +170,13 @@ def rerun_as_in_jupyterlab(results: Path, params: dict) -> None:
     assert _cache_folders(results) == before
     again = json.loads((results / "metrics.json").read_text())
     assert {k: again[k] for k in ("uf1", "uar", "run_dir")} == {k: metrics[k] for k in ("uf1", "uar", "run_dir")}
+
+
+def test_jupyterlab_saves_widget_state_in_the_project_venv():
+    """A notebook saved in JupyterLab keeps its widgets' state, so reopening it shows no 'Error displaying widget'."""
+    import sys
+    venv = Path(__file__).resolve().parents[1] / ".venv"
+    if Path(sys.prefix).resolve() != venv.resolve():
+        pytest.skip(f"not running in the project's .venv ({sys.prefix}); `make setup` writes the setting there")
+    overrides = json.loads((venv / "share" / "jupyter" / "lab" / "settings" / "overrides.json").read_text())
+    assert overrides["@jupyter-widgets/jupyterlab-manager:plugin"]["saveState"] is True

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from amanlib.runtime import resolve_precision
+
 from amanlib.magnify.base import Magnifier
 from amanlib.magnify.checkpoint import (
     MAGNET_SHA256,
@@ -44,9 +46,12 @@ def load_magnifier(name: str, **kwargs) -> Magnifier:
     raise ValueError(f"unknown magnifier {name!r}; choose one of {', '.join(METHODS)}")
 
 
-def magnifier_for(method: str, checkpoint=None, download: bool = True, device="auto") -> Magnifier:
+def magnifier_for(method: str, checkpoint=None, download: bool = True, device="auto",
+                  precision: str = "fp32") -> Magnifier:
     """A magnifier by name; for 'learning' the authors' checkpoint (default_checkpoint_path() when None),
-    downloaded and verified first when it is absent and `download` allows."""
+    downloaded and verified first when it is absent and `download` allows, run in `precision` (fp32, bf16, or
+    auto: bf16 where the device has it natively). The classic magnifiers always run in fp32."""
+    dtype = resolve_precision(precision, device)
     if method != "learning":
         return load_magnifier(method)
     path = Path(checkpoint) if checkpoint else default_checkpoint_path()
@@ -57,7 +62,7 @@ def magnifier_for(method: str, checkpoint=None, download: bool = True, device="a
         except OSError as e:
             raise RuntimeError(f"could not download the magnification checkpoint to {path} ({e}); {WHERE_TO_GET}, "
                                "and pass its path as magnet_checkpoint (or set AMANLIB_MAGNET_CHECKPOINT)") from e
-    return load_magnifier("learning", checkpoint=path, device=device)
+    return load_magnifier("learning", checkpoint=path, device=device, autocast_dtype=dtype)
 
 
 __all__ = [

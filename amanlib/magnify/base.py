@@ -17,9 +17,10 @@ def check_pair(onset: torch.Tensor, frames: torch.Tensor) -> None:
             raise ValueError(f"{name} must have shape [B, 3, H, W], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a float tensor scaled to [0, 1], got dtype {x.dtype}")
-    if onset.shape != frames.shape:
+    if onset.shape[1:] != frames.shape[1:] or onset.shape[0] not in (1, frames.shape[0]):
         raise ValueError(
-            f"onset and frames must have the same shape, got {tuple(onset.shape)} and {tuple(frames.shape)}"
+            "onset must have the frames' shape, or batch 1 (one onset for all frames), got "
+            f"{tuple(onset.shape)} and {tuple(frames.shape)}"
         )
     if onset.device != frames.device:
         raise ValueError(f"onset is on {onset.device} but frames is on {frames.device}")
@@ -44,6 +45,8 @@ def check_factors(factors: Sequence[float] | torch.Tensor) -> torch.Tensor:
 
 class Magnifier(nn.Module):
     """magnifier(onset, frames, factors) -> [B, K, 3, H, W] in [0, 1]; factor 1 leaves the frame unchanged.
+
+    `onset` is [B, 3, H, W] or [1, 3, H, W]: one onset shared by all B frames of a clip is prepared once.
 
     Subclasses split the work into `prepare` (once per onset/frame pair) and `render` (per factor, batched),
     so the per-pair cost is paid once whatever K is; `chunk_size` bounds how many output images are

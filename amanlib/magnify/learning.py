@@ -176,19 +176,19 @@ class LearningBasedMagnifier(Magnifier):
         return autocast(self.device, self.autocast_dtype is not None, self.autocast_dtype)
 
     def prepare(self, onset: torch.Tensor, frames: torch.Tensor) -> _PairState:
-        B, _, H, W = frames.shape
+        Bo, _, H, W = onset.shape  # Bo = 1 (one onset for all frames) or B
         out_device = frames.device
-        x = torch.cat([onset, frames]).to(self.device) * 2 - 1  # 2B, 3, H, W in [-1, 1]
+        x = torch.cat([onset, frames]).to(self.device) * 2 - 1  # Bo + B, 3, H, W in [-1, 1]
         ph, pw = -H % 4, -W % 4
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect")
         enc, dec = self.net.encoder, self.net.decoder
         with self._autocast():
-            c = enc.trunk(self._layout(x))  # 2B, 32, H'/2, W'/2
+            c = enc.trunk(self._layout(x))  # Bo + B, 32, H'/2, W'/2
             shape = enc.shape(c)
-            shape_a, shape_b = shape[:B], shape[B:]
-            motion = self.net.manipulator.g(shape_a, shape_b)
-            texture = dec.texture(enc.texture(c[B:]))
+            shape_a, shape_b = shape[:Bo], shape[Bo:]
+            motion = self.net.manipulator.g(shape_a, shape_b)  # the onset broadcasts over the frames
+            texture = dec.texture(enc.texture(c[Bo:]))
         return _PairState(shape_b, motion, texture, (H, W), out_device)
 
     def render(self, state: _PairState, factors: torch.Tensor) -> torch.Tensor:

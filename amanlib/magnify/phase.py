@@ -81,14 +81,14 @@ class PhaseMagnifier(Magnifier):
         return F.pad(x, (0, W % 2, 0, H % 2), mode="reflect") if (H % 2 or W % 2) else x
 
     def prepare(self, onset: torch.Tensor, frames: torch.Tensor) -> _PairState:
-        B = frames.shape[0]
-        x = torch.cat([self._signal(onset), self._signal(frames)])  # 2B, C, H', W'
+        Bo = onset.shape[0]  # 1 (one onset for all frames) or B
+        x = torch.cat([self._signal(onset), self._signal(frames)])  # Bo + B, C, H', W'
         pyramid = self.pyramid(*x.shape[-2:], x.device)
         pyr = pyramid(x)
-        bands = [pyr[s] for s in range(pyramid.num_scales)]  # 2B, C, O, h, w complex
-        coeffs = [band[B:] for band in bands]
+        bands = [pyr[s] for s in range(pyramid.num_scales)]  # Bo + B, C, O, h, w complex
+        coeffs = [band[Bo:] for band in bands]
         phase = [
-            amplitude_weighted_blur(torch.angle(band[B:] * band[:B].conj()), band[B:].abs(), self.config.sigma)
+            amplitude_weighted_blur(torch.angle(band[Bo:] * band[:Bo].conj()), band[Bo:].abs(), self.config.sigma)
             for band in bands
         ]
         residuals = {k: tuple(pyr[k].shape[1:]) for k in ("residual_highpass", "residual_lowpass")}
