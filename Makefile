@@ -25,9 +25,13 @@ $(STAMP): pyproject.toml Makefile
 REFERENCE ?= $(or $(AMANLIB_REFERENCE),../shared/reference)
 MAGNET_REF := $(abspath $(REFERENCE)/magnet/learning_based_mag.pth.tar)
 
+# The committed synthetic default pins what "auto" would choose per machine (precision), so every machine
+# computes the same numbers.
+PINNED := -p precision bf16
+
 reproduce: $(STAMP)
 	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \
-		$(PY) -m amanlib run-notebooks $(ARGS)
+		$(PY) -m amanlib run-notebooks $(PINNED) $(ARGS)
 	$(PY) -m amanlib readme
 
 test: $(STAMP)

@@ -85,7 +85,7 @@ class Backbone:
 
 def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work", fer_checkpoint=None,
                     seed: int = 0, data_dir: str | Path = "data", pretrain_epochs: int = 10,
-                    device="auto") -> Backbone:
+                    device="auto", precision: str = "fp32") -> Backbone:
     """'fer' (the user's FER+ file), 'synthetic_macro' (the kit's pre-training, cached under work_dir/trunks by
     its inputs), 'random' (drawn from seed), or 'auto' (FER+ when a file is given, else synthetic_macro)."""
     if backbone not in BACKBONES:
@@ -102,7 +102,7 @@ def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work
         from .pretrain import PretrainConfig, pretrain_trunk  # it trains a ResNet-18 fed by this module's preprocess
         macro = make_synthetic_macro(Path(data_dir) / "synthetic_macro", seed=seed)
         trained = pretrain_trunk(macro, Path(work_dir) / "trunks", PretrainConfig(epochs=pretrain_epochs, seed=seed,
-                                                                                 device=device))
+                                                                                 device=device, precision=precision))
         return Backbone(load_trunk(trained.path), "synthetic_macro", trained.path,
                         f"NOT the paper's FER+ backbone: ResNet-18 pre-trained by the kit on {len(macro)} synthetic "
                         f"macro-expression images (held-out accuracy {trained.val_accuracy:.2f})")

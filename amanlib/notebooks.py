@@ -170,7 +170,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
     results_dir = Path(values.get("results_dir") or os.path.abspath(params["results_dir"]))
     reads = {b: custom[b.stem] if b.stem in custom else set(schema.declared(b.stem)) for b in books}
     out_dir = _writable_folder(results_dir) / "notebooks"
-    done = []
+    done, seconds = [], {}
     with _locked(results_dir):
         out_dir.mkdir(exist_ok=True)
         for book in books:
@@ -180,9 +180,23 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
             log(f"running {book.name} with {mine}")
             start = time.perf_counter()
             _execute(book, out_dir, mine, cell_timeout, echo)
-            log(f"finished {book.name} in {time.perf_counter() - start:.0f} s")
+            seconds[book.stem] = time.perf_counter() - start
+            log(f"finished {book.name} in {seconds[book.stem]:.0f} s")
             done.append(out_dir / book.name)
+    log(timing_table(seconds))
     return done
+
+
+STAGES = {"01_dataset_prep": "clip table (synthetic data)", "02_magnification": "magnification demo",
+          "03_feature_extraction": "trunk pre-training, magnification + features",
+          "04_training": "training (variants x seeds x folds), statistics", "05_confusion_analysis": "figures"}
+
+
+def timing_table(seconds: dict[str, float]) -> str:
+    """Seconds per notebook and what it spent them on, and the total."""
+    lines = [f"{'notebook':<24} {'seconds':>8}  stage"]
+    lines += [f"{name:<24} {s:>8.0f}  {STAGES.get(name, '')}" for name, s in seconds.items()]
+    return "\n".join(lines + [f"{'total':<24} {sum(seconds.values()):>8.0f}"])
 
 
 def _execute(book: Path, out_dir: Path, parameters: dict, cell_timeout: float | None, echo: bool) -> None:

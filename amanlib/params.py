@@ -177,8 +177,9 @@ _PARAMS = [
           choices=("auto", "fer", "synthetic_macro", "random")),
     _optional_path("fer_checkpoint", PathRole.FILE, (_FEAT,),
                    "FER+ ResNet-18 of Emotion-FAN (Resnet18_FER+_pytorch.pth.tar)"),
-    Param("precision", Kind.CHOICE, "fp32", (_FEAT,),
-          "compute dtype of the magnifier and the trunk: fp32, bf16, or auto (bf16 where the device has it natively)",
+    Param("precision", Kind.CHOICE, "auto", (_FEAT,),
+          "compute dtype of the pre-training, the magnifier and the trunk: fp32, bf16, or auto (bf16 where the "
+          "device has it natively, else fp32)",
           choices=("fp32", "bf16", "auto")),
     Param("pretrain_epochs", Kind.INT, 10, (_FEAT,), "epochs of the kit's synthetic macro-expression pre-training",
           min=1),

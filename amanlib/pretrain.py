@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from .cache import build_once, file_digest
 from .data import load_clip_frames
 from .backbone import preprocess
-from .runtime import autocast, progress_bar, resolve_device, seed_everything, torch_save_atomic
+from .runtime import autocast, progress_bar, resolve_device, resolve_precision, seed_everything, torch_save_atomic
 
 
 @dataclass
@@ -31,7 +31,7 @@ class PretrainConfig:
     val_subjects: int = 4  # held-out subjects for the accuracy we report
     seed: int = 0
     device: str = "auto"
-    amp: bool | None = None  # None: on for CUDA
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the device has it natively)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ def pretrain_trunk(macro: pd.DataFrame, root: str | Path, cfg: PretrainConfig | 
         if col not in macro:
             raise ValueError(f"macro table lacks column '{col}' (have {list(macro.columns)})")
     config = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    config["precision"] = str(resolve_precision(cfg.precision, resolve_device(cfg.device)))  # what 'auto' resolves to
     images = [[Path(p).name, file_digest(p), str(s), int(y)] for p, s, y in zip(macro["path"], macro["subject"],
                                                                                macro["label"])]
     entry = build_once(root, {"images": images, "config": config}, "pretrained trunk",
@@ -68,7 +69,7 @@ def pretrain_trunk(macro: pd.DataFrame, root: str | Path, cfg: PretrainConfig | 
 def _train(macro: pd.DataFrame, out_path: Path, cfg: PretrainConfig, progress: bool) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    dtype = resolve_precision(cfg.precision, device)
     images = preprocess(load_clip_frames(macro["path"].tolist(), size=224))  # N, 3, 224, 224
     labels = torch.tensor(macro["label"].to_numpy(dtype=np.int64))
     subjects = sorted(macro["subject"].unique())
@@ -89,7 +90,7 @@ def _train(macro: pd.DataFrame, out_path: Path, cfg: PretrainConfig, progress: b
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             x = augment(images[idx]).to(device, memory_format=torch.channels_last)
-            with autocast(device, amp):
+            with autocast(device, dtype is not None, dtype):
                 loss = torch.nn.functional.cross_entropy(net(x).float(), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

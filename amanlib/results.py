@@ -191,6 +191,7 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
         "epoch_selection": cfg["epoch_selection"], "optimistic": first.optimistic,
         "model": "AMAN, frozen layer4" if cfg["frozen_layer4"] else "AMAN", "backbone": cache.backbone["name"],
         "magnifier": cache.inputs["magnifier"]["name"], "factors": cache.factors, "n_frames": cache.inputs["n_frames"],
+        "precision": {"magnifier": cache.inputs["magnifier"]["dtype"], "trunk": cache.inputs["trunk"]["dtype"]},
         "clips": len(index), "subjects": int((index.dataset + "/" + index.subject).nunique()),
         "seed": info["seed"], "seeds": seeds,
         "uf1": aman["uf1"], "uar": aman["uar"], "accuracy": aman["accuracy"],

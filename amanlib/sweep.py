@@ -2,8 +2,8 @@
 
 Model m is exactly the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn
 from the fold's seed), the same shuffles, the same RMSprop + StepLR updates. Parameters are stacked over
-models; a model without a batch at a step (folds differ in size) is left untouched; factor slots and the
-attention switches are masks. Finished (variant, seed) runs go into the keyed folders `run_loso` uses, so a
+models; a model without a batch at a step (folds differ in size) is left untouched; the attention switches
+are masks, and models of one variant train together on that variant's factor slots only. Finished (variant, seed) runs go into the keyed folders `run_loso` uses, so a
 re-run (with either engine) skips them.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix
                     run_loso)
 
 RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
-CHUNK_ELEMENTS = 2 ** 24  # floats of one step's gathered batch per chunk of models (about 64 MB)
+CHUNK_ELEMENTS = 2 ** 23  # floats of one step's gathered batch per chunk of models (32 MB: measured fastest)
+STANDARDISED_BYTES = 2 * 10 ** 9  # features standardised once per fold up to this size, else per batch
 
 
 @dataclass
@@ -125,17 +126,32 @@ def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar
             for i in sorted(todo, key=lambda i: entries[i].key):  # one lock order: no deadlock between sweeps
                 stack.enter_context(entries[i].writing())
             todo = [i for i in todo if not entries[i].done]  # another run may have finished some meanwhile
-            per_model = max(1, CHUNK_ELEMENTS // (cfg.batch_size * int(np.prod(tensor.shape[1:]))))
-            per_job = max(1, per_model // len(folds))
-            for start in range(0, len(todo), per_job):
-                chunk = todo[start:start + per_job]
+            for chunk in _chunks(todo, jobs, tensor.shape, cfg.batch_size, len(folds)):
                 results = _train_models(tensor, labels, index, folds, [jobs[i][2] for i in chunk],
                                         num_classes, device, bar)
                 for i, done in zip(chunk, results):
                     cfg_i = jobs[i][2]
-                    slots = list(cfg_i.factor_slots) if cfg_i.factor_slots is not None else list(range(len(factors)))
-                    _finish_run(entries[i], cfg_i, done, index, labels, factors, slots, num_classes)
+                    _finish_run(entries[i], cfg_i, done, index, labels, factors, _slots(cfg_i, len(factors)),
+                                num_classes)
     return {(v.name, s): LOSOResult.load(e.path) for (v, s, _), e in zip(jobs, entries)}
+
+
+def _slots(cfg: TrainConfig, n_factors: int) -> list[int]:
+    return list(cfg.factor_slots) if cfg.factor_slots is not None else list(range(n_factors))
+
+
+def _chunks(todo: list[int], jobs, shape, batch_size: int, n_folds: int) -> list[list[int]]:
+    """The jobs to train together: the same factor slots (so only those are read), at most CHUNK_ELEMENTS
+    floats per step's gathered batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i in todo:
+        groups.setdefault(tuple(_slots(jobs[i][2], shape[2])), []).append(i)
+    chunks = []
+    for slots, members in groups.items():
+        per_model = max(1, CHUNK_ELEMENTS // (batch_size * shape[1] * len(slots) * shape[3]))
+        per_job = max(1, per_model // n_folds)
+        chunks += [members[start:start + per_job] for start in range(0, len(members), per_job)]
+    return chunks
 
 
 @dataclass
@@ -143,19 +159,27 @@ class _Models:
     """The stacked heads of M models and what differs between them."""
 
     params: dict[str, torch.Tensor]  # Wa [M, 512], ba [M], Wb [M, 512], bb [M], Wc [M, C, 512], bc [M, C]
-    slot_mask: torch.Tensor  # M, K: 1 for the variant's factor slots
     alpha_on: torch.Tensor  # M bool
     beta_on: torch.Tensor  # M bool
-    shift: torch.Tensor  # M, 512: each fold's standardisation
-    scale: torch.Tensor  # M, 512
+    features: torch.Tensor  # N, F, K, 512 raw pooled features, the chunk's factor slots only
+    group: torch.Tensor  # M: which fold standardisation each model uses
+    shift: torch.Tensor  # G, 512: the standardisation of each group (its fold's training clips)
+    scale: torch.Tensor  # G, 512
+    standardised: torch.Tensor | None  # G*N, F, K, 512 when it fits (STANDARDISED_BYTES), else None
+
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows M, L (clip numbers) -> standardised features M, L, F, K, 512, each model with its fold's statistics."""
+        if self.standardised is not None:
+            return self.standardised[self.group[:, None] * len(self.features) + rows]
+        shift, scale = self.shift[self.group][:, None, None, None], self.scale[self.group][:, None, None, None]
+        return (self.features[rows].float() - shift) / scale
 
     def logits(self, x: torch.Tensor):
-        """x M, B, F, K, 512 (raw pooled features) -> logits M, B, C, alpha M, B, F, K, beta M, B, F."""
+        """x M, B, F, K, 512 (standardised) -> logits M, B, C, alpha M, B, F, K, beta M, B, F."""
         p = self.params
-        x = (x - self.shift[:, None, None, None]) / self.scale[:, None, None, None]
         a = torch.sigmoid(torch.einsum("mbfkc,mc->mbfk", x, p["Wa"]) + p["ba"][:, None, None, None])
-        a = torch.where(self.alpha_on[:, None, None, None], a, torch.ones_like(a)) * self.slot_mask[:, None, None]
-        v_frame = torch.einsum("mbfk,mbfkc->mbfc", a, x) / a.sum(3)[..., None]  # M, B, F, 512
+        a = torch.where(self.alpha_on[:, None, None, None], a, torch.ones_like(a))
+        v_frame = torch.matmul(a.unsqueeze(-2), x).squeeze(-2) / a.sum(3)[..., None]  # M, B, F, 512
         b = torch.sigmoid(torch.einsum("mbfc,mc->mbf", v_frame, p["Wb"]) + p["bb"][:, None, None])
         b = torch.where(self.beta_on[:, None, None], b, torch.ones_like(b))
         v = torch.einsum("mbf,mbfc->mbc", b, v_frame) / b.sum(2)[..., None]  # M, B, 512
@@ -174,7 +198,8 @@ def _padded(rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _build(tensor, index, folds, cfgs, num_classes, device):
-    """Per model (job-major, then fold): rows, initial head, masks and standardisation, as run_loso has them."""
+    """Per model (job-major, then fold): rows, initial head, attention switches and standardisation, as run_loso
+    has them; the features of the chunk's factor slots only."""
     models = []
     heads, stats = {}, {}
     for cfg in cfgs:
@@ -186,25 +211,27 @@ def _build(tensor, index, folds, cfgs, num_classes, device):
             if seed not in heads:  # the head run_loso draws for this fold's seed
                 torch.manual_seed(seed)
                 heads[seed] = AMAN(num_classes, layer4=False).state_dict()
-            stat_key = (seed, cfg.epoch_selection)
+            stat_key = fit.tobytes()  # the standardisation depends on the fold's training clips only
             if stat_key not in stats:
                 x = tensor[torch.as_tensor(fit)].to(device, torch.float32).flatten(0, 2)  # n*F*K, 512
-                stats[stat_key] = (x.mean(0), x.std(0).clamp(min=1e-6))
+                stats[stat_key] = (len(stats), x.mean(0), x.std(0).clamp(min=1e-6))
             models.append({"cfg": cfg, "seed": seed, "test": test_rows, "fit": fit, "val": val, "head": heads[seed],
-                           "stats": stats[stat_key]})
-    K = tensor.shape[2]
-    slot_mask = torch.zeros(len(models), K, device=device)
-    for m, d in enumerate(models):
-        slot_mask[m, list(d["cfg"].factor_slots) if d["cfg"].factor_slots is not None else slice(None)] = 1
+                           "group": stats[stat_key][0]})
+    tensor = tensor[:, :, _slots(cfgs[0], tensor.shape[2])].contiguous()  # the statistics above cover every slot
     stack = lambda name: torch.stack([d["head"][name] for d in models]).to(device)  # noqa: E731
     params = {"Wa": stack("alpha.0.weight")[:, 0], "ba": stack("alpha.0.bias")[:, 0],
               "Wb": stack("beta.0.weight")[:, 0], "bb": stack("beta.0.bias")[:, 0],
               "Wc": stack("pred_fc.weight"), "bc": stack("pred_fc.bias")}
     for p in params.values():
         p.requires_grad_(True)
-    net = _Models(params, slot_mask, torch.tensor([d["cfg"].use_alpha for d in models], device=device),
-                  torch.tensor([d["cfg"].use_beta for d in models], device=device),
-                  torch.stack([d["stats"][0] for d in models]), torch.stack([d["stats"][1] for d in models]))
+    shift = torch.stack([s[1] for s in stats.values()])  # G, 512
+    scale = torch.stack([s[2] for s in stats.values()])
+    standardised = None
+    if len(stats) * tensor[0].numel() * len(tensor) * 4 <= STANDARDISED_BYTES:
+        standardised = ((tensor[None].float() - shift[:, None, None, None]) / scale[:, None, None, None]).flatten(0, 1)
+    net = _Models(params, torch.tensor([d["cfg"].use_alpha for d in models], device=device),
+                  torch.tensor([d["cfg"].use_beta for d in models], device=device), tensor,
+                  torch.tensor([d["group"] for d in models], device=device), shift, scale, standardised)
     return models, net
 
 
@@ -225,9 +252,9 @@ def _rmsprop_step(params: dict, square: dict, active: torch.Tensor, lr: float, c
 def _train_models(tensor, labels, index, folds, cfgs, num_classes, device, bar) -> list[list]:
     """Train the folds of every config at once; per config the fold results run_loso's train_fold returns."""
     cfg0 = cfgs[0]
-    if any(dataclasses.replace(c, seed=0, factor_slots=None, use_alpha=True, use_beta=True)
-           != dataclasses.replace(cfg0, seed=0, factor_slots=None, use_alpha=True, use_beta=True) for c in cfgs):
-        raise ValueError("run_sweep: the configs of one batch may differ only in seed, factor slots and attention")
+    if any(dataclasses.replace(c, seed=0, use_alpha=True, use_beta=True)
+           != dataclasses.replace(cfg0, seed=0, use_alpha=True, use_beta=True) for c in cfgs):
+        raise ValueError("run_sweep: the configs of one batch may differ only in seed and attention")
     models, net = _build(tensor, index, folds, cfgs, num_classes, device)
     M, B = len(models), cfg0.batch_size
     y_all = labels.to(device)
@@ -247,7 +274,7 @@ def _train_models(tensor, labels, index, folds, cfgs, num_classes, device, bar) 
         for step in range(steps):
             idx, mask = _padded([o[step * B:(step + 1) * B].numpy() for o in orders], device)
             active = mask.any(1)
-            logits = net.logits(tensor[idx].float())[0]  # M, B, C
+            logits = net.logits(net.batch(idx))[0]  # M, B, C
             y = y_all[idx]
             per_clip = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1) * mask
             count = mask.sum(1).clamp(min=1)
@@ -260,14 +287,14 @@ def _train_models(tensor, labels, index, folds, cfgs, num_classes, device, bar) 
         if (epoch + 1) % cfg0.step_size == 0:
             lr = lr * cfg0.gamma  # StepLR(step_size, gamma), stepped once per epoch
         with torch.no_grad():
-            logits, alpha, beta = net.logits(tensor[test_idx].float())
+            logits, alpha, beta = net.logits(net.batch(test_idx))
             pred = logits.argmax(2)
             log["pred"].append(pred.cpu())
             log["alpha"].append(alpha.cpu())
             log["beta"].append(beta.cpu())
             test_acc = ((pred == y_all[test_idx]) & test_mask).sum(1).double() / test_mask.sum(1)
             if has_val:
-                log["val_pred"].append(net.logits(tensor[val_idx].float())[0].argmax(2).cpu())
+                log["val_pred"].append(net.logits(net.batch(val_idx))[0].argmax(2).cpu())
         log["history"].append({"lr": record_lr, "train_loss": (loss_sum / n_fit).cpu(),
                                "train_acc": (correct / n_fit).cpu(), "test_acc": test_acc.cpu()})
     bar.update(M)
@@ -284,7 +311,6 @@ def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
             m = j * n_folds + i
             d = models[m]
             n_test, n_val = len(d["test"]), len(d["val"])
-            slots = list(cfg.factor_slots) if cfg.factor_slots is not None else slice(None)
             history = []
             best_val, best_epoch = -1.0, None
             for e, h in enumerate(log["history"]):
@@ -298,7 +324,7 @@ def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
             preds = [log["pred"][e][m, :n_test].numpy() for e in range(epochs)]
             best_test = int(np.argmax([h["test_acc"] for h in history]))
             chosen = {"fixed": epochs - 1, "paper": best_test, "inner_val": best_epoch}[cfg.epoch_selection]
-            alpha = log["alpha"][chosen][m, :n_test][:, :, slots].numpy()  # ones where alpha is off
+            alpha = log["alpha"][chosen][m, :n_test].numpy()  # ones where alpha is off
             fold_results.append((folds[i][0], {
                 "rows": d["test"], "pred": preds[chosen], "alpha": alpha,
                 "beta": log["beta"][chosen][m, :n_test].numpy(), "epoch": chosen, "pred_last": preds[-1],

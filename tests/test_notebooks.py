@@ -112,7 +112,9 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
         assert not [o for o in outputs if o.output_type == "error"]
         widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         assert not widgets, f"{path.name}: a headless run made widgets (progress bars or interact)"
-    assert "training (variants x seeds x folds)" in capsys.readouterr().err  # text progress streamed from the kernels
+    streamed = capsys.readouterr()
+    assert "training (variants x seeds x folds)" in streamed.err  # text progress streamed from the kernels
+    assert "04_training" in streamed.out and "total" in streamed.out.splitlines()[-1]  # seconds per notebook
     figures = {p.name for p in (results / "figures").glob("*.png")}
     for name in ["01_dataset_overview.png", "01_onset_apex_offset.png", "02_magnification.png",
                  "04_learning_curves.png", "04_ablations.png", "05_confusion.png", "05_alpha_by_class.png",

@@ -60,17 +60,29 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
     index, x = uneven_index(), pooled(uneven_index())
     cfg = TrainConfig(epochs=2, device="cpu")
     full = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "a", factors=[1, 2, 4], progress=False)
-    monkeypatch.setattr(sweep, "CHUNK_ELEMENTS", 4 * 2 * 3 * 512 * 5 * 2)  # two (variant, seed) jobs per chunk
-    count_calls(monkeypatch, sweep, "_train_models", sweep._train_models, crash_on=2)
+    monkeypatch.setattr(sweep, "CHUNK_ELEMENTS", 1)  # one (variant, seed) job per batched program
+    count_calls(monkeypatch, sweep, "_train_models", sweep._train_models, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4], progress=False)
     finished = list((tmp_path / "b").glob("*/done.json"))
-    assert len(finished) == 2  # the first chunk's two runs are complete, nothing else is stamped
+    assert len(finished) == 2  # the first two runs are complete, nothing else is stamped
     calls = count_calls(monkeypatch, sweep, "_train_models", sweep._train_models)
     resumed = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4],
                         progress=False)
-    assert len(calls) == 3  # the remaining six runs, two per chunk
+    assert len(calls) == 6  # only the remaining six runs
     pd.testing.assert_frame_equal(resumed.predictions.drop(columns=["alpha", "beta"]),
                                   full.predictions.drop(columns=["alpha", "beta"]))
     with pytest.raises(ValueError, match="seeds"):
         run_sweep(x, index, cfg, VARIANTS, seeds=[], runs_dir=tmp_path / "c", factors=[1, 2, 4], progress=False)
+
+
+def test_per_batch_standardisation_equals_the_precomputed_one(tmp_path, monkeypatch):
+    index, x = uneven_index(), pooled(uneven_index())
+    cfg = TrainConfig(epochs=2, device="cpu")
+    kept = run_sweep(x, index, cfg, VARIANTS[:2], seeds=[0], runs_dir=tmp_path / "a", factors=[1, 2, 4],
+                     progress=False)
+    monkeypatch.setattr(sweep, "STANDARDISED_BYTES", 0)  # features too large to standardise once per fold
+    per_batch = run_sweep(x, index, cfg, VARIANTS[:2], seeds=[0], runs_dir=tmp_path / "b", factors=[1, 2, 4],
+                          progress=False)
+    pd.testing.assert_frame_equal(kept.predictions.drop(columns=["alpha", "beta"]),
+                                  per_batch.predictions.drop(columns=["alpha", "beta"]))
