@@ -3,8 +3,8 @@
 Model m is exactly the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn
 from the fold's seed), the same shuffles, the same RMSprop + StepLR updates. Parameters are stacked over
 models; a model without a batch at a step (folds differ in size) is left untouched; the attention switches
-are masks, and models of one variant train together on that variant's factor slots only. Finished (variant, seed) runs go into the keyed folders `run_loso` uses, so a
-re-run (with either engine) skips them.
+are masks, and models of one variant train together on that variant's factor slots only. Finished
+(variant, seed) runs go into the keyed folders `run_loso` uses, so a re-run (with either engine) skips them.
 """
 from __future__ import annotations
 
