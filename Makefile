@@ -43,6 +43,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/magnify.py
 	$(PY) bench/train.py
+	$(PY) bench/sweep.py --loop-runs 4
 
 clean:
 	rm -rf $(VENV) results/notebooks results/figures results/bench results/work results/metrics.json .pytest_cache

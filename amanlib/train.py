@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .cache import Entry, file_digest, tensor_digest
-from .features import FeatureCache
-from .metrics import megc_scores, scores, uar, uf1
 from .checkpoints import read_state_dict
+from .features import FeatureCache
+from .metrics import megc_scores, uar, uf1
 from .model import AMAN
 from .results import LOSOResult
 from .runtime import autocast, progress_bar, resolve_device, torch_save_atomic
@@ -469,11 +469,3 @@ def describe(cfg: TrainConfig, index: pd.DataFrame, cache: FeatureCache) -> str:
     return (f"**{model_name(cfg)}**, epoch selection `{cfg.epoch_selection}`{optimistic}, {len(index)} clips, "
             f"{len(loso_folds(index))} folds, features {tuple(cache.features.shape)} (factors {cache.factors}), "
             f"backbone: {cache.backbone['name']}, device {resolve_device(cfg.device)}")
-
-
-def summary(result: LOSOResult) -> dict:
-    """Top-level numbers for metrics.json."""
-    p = result.predictions
-    return {"epoch_selection": result.config["epoch_selection"], "optimistic": result.optimistic,
-            "frozen_layer4": result.config["frozen_layer4"], **scores(p["gt"], p["pred"]),
-            "paper_protocol_on_same_run": scores(p["gt"], p["pred_best_test"])}

@@ -11,6 +11,7 @@ Writes results/bench/magnify.csv and prints speed-up ratios measured in the same
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -22,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from amanlib.magnify import LearningBasedMagnifier, default_checkpoint_path, load_magnifier
+from amanlib.runtime import native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("AMANLIB_REFERENCE", REPO.parent / "shared" / "reference"))
@@ -121,21 +123,30 @@ def run(args) -> pd.DataFrame:
     factors = torch.linspace(2, 12, args.factors).tolist()
     checkpoint = find_checkpoint(args.checkpoint)
     machine = dict(threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
-    rows = []
+    cpu_bf16 = native_bf16("cpu") if args.cpu_bf16 == "auto" else args.cpu_bf16 == "on"
+    rows, fp32_out = [], {}
     for device in devices:
-        for method, variant, magnifier in variants(device, checkpoint, args.cpu_bf16, args.compare_layout):
+        for method, variant, magnifier in variants(device, checkpoint, cpu_bf16, args.compare_layout):
             for size in args.sizes:
                 onset, frames = pair(args.batch, size, device, args.seed)
                 baseline = variant in ("channels_last", "default") or args.all_baselines
                 found = measure(magnifier, onset, frames, factors, args.repeats, baseline)
+                out = magnifier(onset, frames, factors)
+                reference = fp32_out.setdefault((device.type, method, size), out)  # the first variant is fp32
+                mse = float(((out - reference) ** 2).mean())
+                psnr = 10 * math.log10(1 / mse) if mse > 0 else float("inf")
                 setting = dict(device=device.type, method=method, variant=variant, size=size, batch=args.batch,
-                               factors=len(factors))
+                               factors=len(factors), psnr_vs_fp32_db=psnr)
                 rows += [{**setting, **row, **machine} for row in found]
                 speed = {row["mode"]: row["images_per_s"] for row in found}
                 line = f"{device.type:4s} {method:8s} {variant:22s} {size:4d}px  batched {speed['batched']:7.2f} img/s"
                 if "per_factor" in speed:
                     ratio = speed["batched"] / speed["per_factor"]
                     line += f"  per-factor {speed['per_factor']:7.2f} img/s  ratio {ratio:5.2f}x"
+                first = next(r for r in rows if (r["device"], r["method"], r["size"]) == (device.type, method, size))
+                if first["variant"] != variant:
+                    line += (f"  {speed['batched'] / first['images_per_s']:4.2f}x the fp32 variant, "
+                             f"PSNR {psnr:.1f} dB against it")
                 print(line, flush=True)
     return pd.DataFrame(rows)
 
@@ -148,7 +159,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the fastest is kept)")
     parser.add_argument("--checkpoint", help="learning_based_mag.pth.tar (default: the cache, then the reference)")
     parser.add_argument("--cpu-only", action="store_true")
-    parser.add_argument("--cpu-bf16", action="store_true", help="also time CPU bf16 (slow without AVX512-BF16/AMX)")
+    parser.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                        help="also time CPU bf16 (auto: where the CPU has AVX512-BF16 or AMX; emulated it is slow)")
     parser.add_argument("--compare-layout", action="store_true", help="also time learning without channels_last")
     parser.add_argument("--all-baselines", action="store_true", help="per-factor baseline for every variant")
     parser.add_argument("--seed", type=int, default=0)
