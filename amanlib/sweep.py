@@ -24,8 +24,8 @@ from .model import AMAN
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix, _inner_val_subject, _unpack,
-                    ablation_variants, check_finite, clip_names, loso_folds, model_name, prepare_features, run_inputs,
-                    run_loso)
+                    ablation_variants, check_finite, choose_epoch, clip_names, loso_folds, model_name,
+                    prepare_features, run_inputs, run_loso)
 
 RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
 CHUNK_ELEMENTS = 2 ** 23  # floats of one step's gathered batch per chunk of models (32 MB: measured fastest)
@@ -312,18 +312,14 @@ def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
             d = models[m]
             n_test, n_val = len(d["test"]), len(d["val"])
             history = []
-            best_val, best_epoch = -1.0, None
             for e, h in enumerate(log["history"]):
                 row = {"epoch": e, "lr": h["lr"], "train_loss": float(h["train_loss"][m]),
                        "train_acc": float(h["train_acc"][m]), "test_acc": float(h["test_acc"][m])}
                 if n_val:
                     row["val_uf1"] = uf1(labels[d["val"]].numpy(), log["val_pred"][e][m, :n_val].numpy())
-                    if row["val_uf1"] > best_val:
-                        best_val, best_epoch = row["val_uf1"], e
                 history.append(row)
             preds = [log["pred"][e][m, :n_test].numpy() for e in range(epochs)]
-            best_test = int(np.argmax([h["test_acc"] for h in history]))
-            chosen = {"fixed": epochs - 1, "paper": best_test, "inner_val": best_epoch}[cfg.epoch_selection]
+            chosen, best_test = choose_epoch(history, cfg.epoch_selection)
             alpha = log["alpha"][chosen][m, :n_test].numpy()  # ones where alpha is off
             fold_results.append((folds[i][0], {
                 "rows": d["test"], "pred": preds[chosen], "alpha": alpha,

@@ -191,6 +191,17 @@ def _inner_val_subject(index: pd.DataFrame, train_rows: np.ndarray, seed: int) -
     return train_rows[key[train_rows] == chosen]
 
 
+def choose_epoch(history: list[dict], epoch_selection: str) -> tuple[int, int]:
+    """(the epoch whose predictions count under the rule, the first epoch with the best held-out accuracy).
+
+    fixed: the last epoch; paper: the first epoch reaching the best held-out accuracy, as the authors keep
+    it; inner_val: the first epoch reaching the best UF1 on the held-out training subject."""
+    best_test = int(np.argmax([h["test_acc"] for h in history]))
+    if epoch_selection == "inner_val":
+        return int(np.argmax([h["val_uf1"] for h in history])), best_test
+    return (best_test if epoch_selection == "paper" else len(history) - 1), best_test
+
+
 def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, index: pd.DataFrame,
                test_rows: np.ndarray, train_rows: np.ndarray, num_classes: int, device: torch.device,
                seed: int) -> dict:
@@ -200,7 +211,6 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
     fold = _Fold(cfg, features, labels, num_classes, device, seed, fit_rows)
     gt = labels[test_rows].numpy()
     history, per_epoch = [], []
-    best_val, best_epoch = -1.0, None
     for epoch in range(cfg.epochs):
         lr = fold.optimizer.param_groups[0]["lr"]
         loss, acc = fold.train_epoch(fit_rows)
@@ -209,12 +219,8 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
         row = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc, "test_acc": float((pred == gt).mean())}
         if len(val_rows):
             row["val_uf1"] = uf1(labels[val_rows].numpy(), fold.predict(val_rows)[0])
-            if row["val_uf1"] > best_val:
-                best_val, best_epoch = row["val_uf1"], epoch
         history.append(row)
-    test_acc = [h["test_acc"] for h in history]
-    best_test = int(np.argmax(test_acc))  # first epoch reaching the best held-out accuracy, as the authors keep it
-    chosen = {"fixed": cfg.epochs - 1, "paper": best_test, "inner_val": best_epoch}[cfg.epoch_selection]
+    chosen, best_test = choose_epoch(history, cfg.epoch_selection)
     pred, alpha, beta = per_epoch[chosen]
     return {"rows": test_rows, "pred": pred, "alpha": alpha, "beta": beta, "epoch": chosen,
             "pred_last": per_epoch[-1][0], "pred_best_test": per_epoch[best_test][0],
@@ -276,10 +282,10 @@ def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device
 
 def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress: bool = True):
     """With frozen_layer4, the pooled features, cached under runs_dir/pooled by the features' key and the
-    layer4 weights; else the features as they are."""
+    layer4 weights; else the features as they are (a tensor or array comes back as Keyed, by its bytes)."""
     tensor, key, factors = _unpack(features)
-    if not (cfg.frozen_layer4 and tensor.dim() == 6):
-        return features
+    if not (cfg.frozen_layer4 and tensor.dim() == 6):  # keyed once: the caller need not hash the bytes again
+        return features if isinstance(features, (FeatureCache, Keyed)) else Keyed(tensor, key, factors)
     layer4 = _layer4_weights(cfg.init_layer4_from, cfg.seed)
     entry = Entry(Path(runs_dir) / "pooled", {"features": key, "layer4": layer4}, "pooled features")
     if not entry.done:
