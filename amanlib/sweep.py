@@ -304,7 +304,6 @@ def _train_models(tensor, labels, index, folds, cfgs, num_classes, device, bar) 
 def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
     """Per config, its folds' results in train_fold's format, with the epoch chosen by its rule."""
     out, n_folds = [], len(folds)
-    epochs = len(log["history"])
     for j, cfg in enumerate(cfgs):
         fold_results = []
         for i in range(n_folds):
@@ -318,8 +317,9 @@ def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
                 if n_val:
                     row["val_uf1"] = uf1(labels[d["val"]].numpy(), log["val_pred"][e][m, :n_val].numpy())
                 history.append(row)
-            preds = [log["pred"][e][m, :n_test].numpy() for e in range(epochs)]
-            chosen, best_test = choose_epoch(history, cfg.epoch_selection)
+            chosen, best_test, kept = choose_epoch(history, cfg.epoch_selection)
+            history = history[:kept]  # the paper rule's fold ends at its first 100% epoch
+            preds = [log["pred"][e][m, :n_test].numpy() for e in range(kept)]
             alpha = log["alpha"][chosen][m, :n_test].numpy()  # ones where alpha is off
             fold_results.append((folds[i][0], {
                 "rows": d["test"], "pred": preds[chosen], "alpha": alpha,

@@ -191,15 +191,30 @@ def _inner_val_subject(index: pd.DataFrame, train_rows: np.ndarray, seed: int) -
     return train_rows[key[train_rows] == chosen]
 
 
-def choose_epoch(history: list[dict], epoch_selection: str) -> tuple[int, int]:
-    """(the epoch whose predictions count under the rule, the first epoch with the best held-out accuracy).
+def authors_epoch(test_acc) -> int:
+    """The authors' pick (main/train.py): the first epoch reaching the best held-out accuracy, or the last epoch
+    when no clip of the subject is ever classified right."""
+    acc = np.asarray(test_acc, float)
+    return int(np.argmax(acc)) if acc.max() > 0 else len(acc) - 1
 
-    fixed: the last epoch; paper: the first epoch reaching the best held-out accuracy, as the authors keep
-    it; inner_val: the first epoch reaching the best UF1 on the held-out training subject."""
-    best_test = int(np.argmax([h["test_acc"] for h in history]))
+
+def stops(epoch_selection: str, test_acc: float) -> bool:
+    """The authors stop a fold once its held-out accuracy is 100%; only the `paper` rule copies that."""
+    return epoch_selection == "paper" and test_acc == 1.0
+
+
+def choose_epoch(history: list[dict], epoch_selection: str) -> tuple[int, int, int]:
+    """(the epoch whose predictions count, the authors' pick on the held-out subject, the epochs that count).
+
+    fixed: the last epoch; paper: the authors' pick, and the fold ends at the first epoch with 100%
+    held-out accuracy; inner_val: the first epoch reaching the best UF1 on the held-out training subject.
+    A history trained past the paper rule's stop is cut there, so a batched run reports what a stopped one does."""
+    test_acc = [h["test_acc"] for h in history]
+    kept = next((e + 1 for e, a in enumerate(test_acc) if stops(epoch_selection, a)), len(history))
+    best_test = authors_epoch(test_acc[:kept])
     if epoch_selection == "inner_val":
-        return int(np.argmax([h["val_uf1"] for h in history])), best_test
-    return (best_test if epoch_selection == "paper" else len(history) - 1), best_test
+        return int(np.argmax([h["val_uf1"] for h in history])), best_test, kept
+    return (best_test if epoch_selection == "paper" else kept - 1), best_test, kept
 
 
 def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, index: pd.DataFrame,
@@ -220,7 +235,9 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
         if len(val_rows):
             row["val_uf1"] = uf1(labels[val_rows].numpy(), fold.predict(val_rows)[0])
         history.append(row)
-    chosen, best_test = choose_epoch(history, cfg.epoch_selection)
+        if stops(cfg.epoch_selection, row["test_acc"]):
+            break
+    chosen, best_test, _ = choose_epoch(history, cfg.epoch_selection)
     pred, alpha, beta = per_epoch[chosen]
     return {"rows": test_rows, "pred": pred, "alpha": alpha, "beta": beta, "epoch": chosen,
             "pred_last": per_epoch[-1][0], "pred_best_test": per_epoch[best_test][0],
