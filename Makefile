@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3.x ...'"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	$(PY) -m ipykernel install --sys-prefix --name amanlib --display-name "amanlib (.venv)"
 	# JupyterLab saves widget state with the notebook, so a reopened notebook shows its widgets, not errors
 	mkdir -p $(VENV)/share/jupyter/lab/settings
@@ -25,9 +25,9 @@ $(STAMP): pyproject.toml Makefile
 REFERENCE ?= $(or $(AMANLIB_REFERENCE),../shared/reference)
 MAGNET_REF := $(abspath $(REFERENCE)/magnet/learning_based_mag.pth.tar)
 
-# The committed synthetic default pins what "auto" would choose per machine (precision), so every machine
-# computes the same numbers.
-PINNED := -p precision bf16
+# The committed synthetic default pins what "auto" would choose per machine (precision; backbone, which takes
+# FER+ where the file is cached or downloadable), so every machine computes the same numbers.
+PINNED := -p precision bf16 -p backbone synthetic_macro
 
 reproduce: $(STAMP)
 	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision import models, transforms
 
+from .batchnorm import batch_groups, use_group_batch_norm
 from .checkpoints import check_architecture, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ BACKBONES = ("auto", "fer", "synthetic_macro", "random")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+TRUNK_BN = ("running", "frame_batch")
 
 preprocess = transforms.Compose([
     transforms.Resize((224, 224), antialias=True),
@@ -27,18 +29,43 @@ preprocess = transforms.Compose([
 
 
 class ResNet18Trunk(nn.Module):
-    """conv1, bn1, relu, maxpool, layer1-3 of torchvision's ResNet-18; optionally layer4 too (for pre-training)."""
+    """conv1, bn1, relu, maxpool, layer1-3 of torchvision's ResNet-18; optionally layer4 too (for pre-training).
 
-    def __init__(self, with_layer4: bool = False):
+    bn 'running': BatchNorms use the running statistics (in eval mode). 'frame_batch' (the authors' extraction,
+    which never calls eval()): every BatchNorm uses the statistics of the batch it is given, in either mode,
+    and leaves the running statistics alone.
+    """
+
+    def __init__(self, with_layer4: bool = False, bn: str = "running"):
         super().__init__()
+        if bn not in TRUNK_BN:
+            raise ValueError(f"bn must be one of {TRUNK_BN}, got {bn!r}")
         resnet = models.resnet18(weights=None)
         for name in TRUNK_LAYERS + (("layer4",) if with_layer4 else ()):
             setattr(self, name, getattr(resnet, name))
         self.source = "random"  # what the weights are: 'random', a checkpoint path, ...
+        self.bn = bn
+        if bn == "frame_batch":
+            use_group_batch_norm(self, batch_stats="always")  # same state dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in TRUNK_LAYERS:
-            x = getattr(self, name)(x)
+        """Images [N, 3, H, W] (one batch) or [G, n, 3, H, W] (G batches, e.g. the K magnified images of each of G
+        frames; with frame_batch each is normalised with its own statistics) -> [N or G, n, 256, 14, 14] at 224."""
+        if x.dim() not in (4, 5):
+            raise ValueError(f"the trunk expects images [N, 3, H, W] or [G, n, 3, H, W], got {tuple(x.shape)}")
+        if x.dim() == 4:
+            return self.features(x, 1)
+        G, n = x.shape[:2]
+        if self.bn == "running":
+            return self.features(x.flatten(0, 1), 1).unflatten(0, (G, n))
+        y = self.features(x.transpose(0, 1).flatten(0, 1), G)  # n*G, 256, 14, 14: row b*G + g is image b of batch g
+        return y.unflatten(0, (n, G)).transpose(0, 1).contiguous()  # G, n, 256, 14, 14
+
+    def features(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """conv1 .. layer3 on x [N, 3, H, W], a frame_batch trunk's BatchNorms seeing `groups` interleaved batches."""
+        with batch_groups(self, groups):
+            for name in TRUNK_LAYERS:
+                x = getattr(self, name)(x)
         return x  # N, 256, 14, 14 for 224x224 input
 
 
@@ -58,9 +85,10 @@ def load_fer_checkpoint(module: nn.Module, path: str | Path) -> nn.Module:
     return module
 
 
-def load_trunk(checkpoint: str | Path | None = None, allow_random: bool = False) -> ResNet18Trunk:
-    """A trunk from a checkpoint; without one only if allow_random, and then with a loud warning."""
-    trunk = ResNet18Trunk()
+def load_trunk(checkpoint: str | Path | None = None, allow_random: bool = False, bn: str = "running") -> ResNet18Trunk:
+    """A trunk from a checkpoint; without one only if allow_random, and then with a loud warning. bn: see
+    ResNet18Trunk."""
+    trunk = ResNet18Trunk(bn=bn)
     if checkpoint is not None:
         return load_fer_checkpoint(trunk, checkpoint).eval()
     if not allow_random:
@@ -85,28 +113,38 @@ class Backbone:
 
 def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work", fer_checkpoint=None,
                     seed: int = 0, data_dir: str | Path = "data", pretrain_epochs: int = 10,
-                    device="auto", precision: str = "fp32") -> Backbone:
-    """'fer' (the user's FER+ file), 'synthetic_macro' (the kit's pre-training, cached under work_dir/trunks by
-    its inputs), 'random' (drawn from seed), or 'auto' (FER+ when a file is given, else synthetic_macro)."""
+                    device="auto", precision: str = "fp32", trunk_bn: str = "running",
+                    download_fer: bool = True) -> Backbone:
+    """'fer' (the paper's FER+ file), 'synthetic_macro' (the kit's pre-training, cached under work_dir/trunks by
+    its inputs), 'random' (drawn from seed), or 'auto': FER+ when fer_checkpoint is given or the verified file is
+    in ~/.cache/amanlib (downloaded there when absent and download_fer), else synthetic_macro. trunk_bn: see
+    ResNet18Trunk."""
+    from .fer import FER_BLOB_SHA1, default_fer_path, find_fer_checkpoint
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    fallback = ""
     if backbone == "auto":
+        fer_checkpoint = fer_checkpoint or find_fer_checkpoint(download=download_fer)
         backbone = "fer" if fer_checkpoint else "synthetic_macro"
+        fallback = "" if fer_checkpoint else (f"the FER+ file is not at {default_fer_path()} and "
+                                              f"{'could not be downloaded' if download_fer else 'download_fer is off'}"
+                                              "; ")
     if backbone == "fer":
         if fer_checkpoint is None:
-            raise ValueError("backbone 'fer' needs fer_checkpoint (Resnet18_FER+_pytorch.pth.tar)")
+            raise ValueError("backbone 'fer' needs fer_checkpoint (Resnet18_FER+_pytorch.pth.tar, git blob SHA-1 "
+                             f"{FER_BLOB_SHA1}: amanlib.features.download_fer_checkpoint() fetches it)")
         path = Path(fer_checkpoint)
-        return Backbone(load_trunk(path), "fer+", path, f"FER+ ResNet-18 from {path}, as in the paper")
+        return Backbone(load_trunk(path, bn=trunk_bn), "fer+", path, f"FER+ ResNet-18 from {path}, as in the paper")
     if backbone == "synthetic_macro":
         from .data import make_synthetic_macro
         from .pretrain import PretrainConfig, pretrain_trunk  # it trains a ResNet-18 fed by this module's preprocess
         macro = make_synthetic_macro(Path(data_dir) / "synthetic_macro", seed=seed)
         trained = pretrain_trunk(macro, Path(work_dir) / "trunks", PretrainConfig(epochs=pretrain_epochs, seed=seed,
                                                                                  device=device, precision=precision))
-        return Backbone(load_trunk(trained.path), "synthetic_macro", trained.path,
-                        f"NOT the paper's FER+ backbone: ResNet-18 pre-trained by the kit on {len(macro)} synthetic "
-                        f"macro-expression images (held-out accuracy {trained.val_accuracy:.2f})")
+        return Backbone(load_trunk(trained.path, bn=trunk_bn), "synthetic_macro", trained.path,
+                        f"{fallback}NOT the paper's FER+ backbone: ResNet-18 pre-trained by the kit on {len(macro)} "
+                        f"synthetic macro-expression images (held-out accuracy {trained.val_accuracy:.2f})")
     torch.manual_seed(seed)
-    return Backbone(load_trunk(None, allow_random=True), "random", None,
+    return Backbone(load_trunk(None, allow_random=True, bn=trunk_bn), "random", None,
                     f"RANDOM ResNet-18 weights (seed {seed}): features are weak; results are not comparable to the "
                     "paper")

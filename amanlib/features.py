@@ -16,6 +16,7 @@ from torch import nn
 
 from .backbone import preprocess
 from .cache import KEY_FILE, KEY_LENGTH, STAMP_FILE, Entry, file_digest, tensor_digest
+from .fer import FER_BLOB_SHA1, FER_URL, download_fer_checkpoint  # noqa: F401  (public here too)
 from .data import load_clip_frames, select_frame_numbers, select_frames
 from .results import save_json
 from .runtime import atomic_write, autocast, progress_bar, resolve_device, resolve_precision
@@ -33,18 +34,42 @@ def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 6
                      dtype: torch.dtype = torch.float32, progress: bool = True,
                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run images [N, 3, H, W] in [0, 1] through preprocess + trunk in batches -> [N, 256, 14, 14] on CPU, as
-    `dtype`; with `autocast_dtype` (bf16) the trunk computes under autocast."""
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"extract_features expects images [N, 3, H, W], got {tuple(images.shape)}")
+    `dtype`; [G, n, 3, H, W] are G batches of n (a frame_batch trunk normalises each with its own statistics)
+    -> [G, n, 256, 14, 14]. With `autocast_dtype` (bf16) the trunk computes under autocast."""
+    if images.dim() not in (4, 5) or images.shape[-3] != 3:
+        raise ValueError(f"extract_features expects images [N, 3, H, W] or [G, n, 3, H, W], got {tuple(images.shape)}")
     device = resolve_device(device)
     trunk = trunk.to(device).eval()
+    n = images.shape[1] if images.dim() == 5 else 1  # images per group: groups are never split
+    step = max(1, batch_size // n)
     out = []
-    starts = range(0, len(images), batch_size)
-    for start in progress_bar(starts, desc="features", disable=not progress, leave=False):
-        batch = preprocess(images[start:start + batch_size].to(device, torch.float32))
+    for start in progress_bar(range(0, len(images), step), desc="features", disable=not progress, leave=False):
+        chunk = images[start:start + step].to(device, torch.float32)
+        batch = preprocess(chunk.flatten(0, chunk.dim() - 4)).view(*chunk.shape[:-3], 3, 224, 224)
+        if batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, autocast_dtype is not None, autocast_dtype):
-            out.append(trunk(batch.contiguous(memory_format=torch.channels_last)).to("cpu", dtype))
-    return torch.cat(out) if out else torch.empty(0, 256, 14, 14, dtype=dtype)
+            out.append(trunk(batch).to("cpu", dtype))
+    return torch.cat(out) if out else torch.empty(0, *images.shape[1:-3], 256, 14, 14, dtype=dtype)
+
+
+def clip_features(clip: torch.Tensor, factors: list[float], trunk: nn.Module, **kw) -> torch.Tensor:
+    """Trunk features of one clip's magnified images [F, K, 3, H, W] -> [F, K, 256, 14, 14].
+
+    A frame_batch trunk (the authors' extraction) normalises with the statistics of the batch it is given:
+    each frame's magnified images form one batch, as in their extractor. The unmagnified slot (factor 1, the
+    no-magnification ablation) is a batch of its own per frame, so it leaves the magnified slots' features
+    exactly as the authors' extractor makes them, and it is normalised like them, by its own frame's images.
+    """
+    if getattr(trunk, "bn", "running") != "frame_batch":
+        return extract_features(clip.flatten(0, 1), trunk, **kw).view(*clip.shape[:2], 256, 14, 14)
+    magnified = [k for k, f in enumerate(factors) if f != 1.0]
+    plain = [k for k, f in enumerate(factors) if f == 1.0]
+    out = torch.empty(*clip.shape[:2], 256, 14, 14, dtype=kw.get("dtype", torch.float32))
+    out[:, magnified] = extract_features(clip[:, magnified], trunk, **kw)  # F batches of the K' magnified images
+    if plain:
+        out[:, plain] = extract_features(clip[:, plain], trunk, **kw)  # F batches of one unmagnified frame
+    return out
 
 
 def magnify_clip(row, magnifier, factors, n_frames: int, size: int | None = None, device="cpu") -> torch.Tensor:
@@ -82,8 +107,10 @@ def magnifier_inputs(magnifier, name: str) -> dict:
 
 
 def trunk_inputs(trunk: nn.Module, autocast_dtype: torch.dtype | None = None) -> dict:
-    """A trunk's identity: its weights' digest, BatchNorm mode (running statistics, eval) and compute dtype."""
-    return {"weights": tensor_digest(trunk.state_dict()), "bn": "running", "dtype": str(autocast_dtype)}
+    """A trunk's identity: its weights' digest, BatchNorm mode (running statistics or each batch's own) and
+    compute dtype."""
+    return {"weights": tensor_digest(trunk.state_dict()), "bn": getattr(trunk, "bn", "running"),
+            "dtype": str(autocast_dtype)}
 
 
 @dataclass
@@ -187,8 +214,8 @@ def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_s
     for i in progress_bar(todo, desc="magnify + features", disable=not progress or not len(todo)):
         with torch.inference_mode():
             clip = magnify_clip(rows.loc[i], magnifier, factors, n_frames, size, device)  # F, K, 3, H, W
-        feats = extract_features(clip.flatten(0, 1), trunk, batch_size, device, torch.float16, progress=False,
-                                 autocast_dtype=autocast_dtype)
+        feats = clip_features(clip, factors, trunk, batch_size=batch_size, device=device, dtype=torch.float16,
+                              progress=False, autocast_dtype=autocast_dtype)
         if not torch.isfinite(feats).all():
             raise ValueError(f"clip {entry.inputs['clips'][i]['clip']}: its features hold NaN or inf (magnified "
                              "images out of range?); nothing of it was cached")

@@ -1,7 +1,8 @@
 """AMAN (Wei et al., ICASSP 2022): layer4 per (frame, factor), magnification attention alpha, frame attention beta.
 
 State-dict keys match the authors' implementation (layer4.*, alpha.0.*, beta.0.*, pred_fc.*) so their
-checkpoints load as they are.
+checkpoints load as they are. In train mode layer4's BatchNorms see, as in the authors' loop, one batch per
+(frame, factor) slice ('per_slice', the default) or, as one call over all maps would, one batch ('joint').
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from .batchnorm import batch_groups, use_group_batch_norm
 from .checkpoints import check_architecture, read_state_dict
+
+LAYER4_BN = ("per_slice", "joint")
 
 
 def make_layer4(in_channels: int = 256) -> nn.Sequential:
@@ -21,13 +25,23 @@ def make_layer4(in_channels: int = 256) -> nn.Sequential:
 
 
 class AMAN(nn.Module):
-    """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14]."""
+    """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14].
+
+    layer4_bn: in train mode layer4's BatchNorms use the statistics of each (frame, factor) slice's B clips
+    ('per_slice', the authors') or of all B*F*K maps at once ('joint'); in eval mode both use the running ones.
+    """
 
     def __init__(self, num_classes: int, in_channels: int = 256, init_layer4_from: str | Path | None = None,
-                 use_alpha: bool = True, use_beta: bool = True, channels_last: bool = False, layer4: bool = True):
+                 use_alpha: bool = True, use_beta: bool = True, channels_last: bool = False, layer4: bool = True,
+                 layer4_bn: str = "per_slice"):
         super().__init__()
+        if layer4_bn not in LAYER4_BN:
+            raise ValueError(f"layer4_bn must be one of {LAYER4_BN}, got {layer4_bn!r}")
         self.use_alpha, self.use_beta, self.channels_last = use_alpha, use_beta, channels_last  # ablation switches
+        self.layer4_bn = layer4_bn
         self.layer4 = make_layer4(in_channels) if layer4 else None  # None: features come pooled (frozen layer4)
+        if self.layer4 is not None and layer4_bn == "per_slice":
+            use_group_batch_norm(self.layer4)  # same state dict; BatchNorm batches set in pool
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # magnification attention
         self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # frame attention
@@ -48,11 +62,15 @@ class AMAN(nn.Module):
         self.layer4.load_state_dict({k.removeprefix("layer4."): state.get(k, v) for k, v in target.items()})
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """One layer4 call over all B*F*K maps, then global average pooling: -> B, F, K, 512."""
+        """One layer4 call over all B*F*K maps, then global average pooling: -> B, F, K, 512. With per_slice each
+        (frame, factor) slice's B maps are one BatchNorm batch, as in the authors' loop over slices."""
         B, F, K = x.shape[:3]
-        x = x.flatten(0, 2)  # B*F*K, C, 14, 14
-        f = self.layer4(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)  # ., 512, 7, 7
-        return self.avgpool(f).flatten(1).view(B, F, K, -1)
+        x = x.flatten(0, 2)  # B*F*K, C, 14, 14: B clips of F*K slices, slice j*K + i (frame-major)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with batch_groups(self.layer4, F * K if self.layer4_bn == "per_slice" else 1):
+            f = self.layer4(x)  # B*F*K, 512, 7, 7
+        return self.avgpool(f).flatten(1).view(B, F, K, -1)  # B, F, K, 512
 
     def attend(self, f: torch.Tensor):
         """Alpha over factors, then beta over frames, then the classifier: f B, F, K, 512 -> logits, alpha, beta.

@@ -173,14 +173,20 @@ _PARAMS = [
     Param("mag_size", Kind.INT, None, (_FEAT,), "magnify at this square size; None: each clip's own size",
           none_ok=True, min=32),
     Param("backbone", Kind.CHOICE, "auto", (_FEAT,),
-          "trunk: auto (fer with fer_checkpoint, else synthetic_macro), fer, synthetic_macro or random",
+          "trunk: auto (FER+ when given, cached or downloadable, else synthetic_macro), fer, synthetic_macro or "
+          "random",
           choices=("auto", "fer", "synthetic_macro", "random")),
     _optional_path("fer_checkpoint", PathRole.FILE, (_FEAT,),
                    "FER+ ResNet-18 of Emotion-FAN (Resnet18_FER+_pytorch.pth.tar)"),
+    Param("download_fer", Kind.BOOL, True, (_FEAT,),
+          "backbone auto: fetch (and verify) the paper's FER+ file into ~/.cache/amanlib when it is absent"),
     Param("precision", Kind.CHOICE, "auto", (_FEAT,),
           "compute dtype of the pre-training, the magnifier and the trunk: fp32, bf16, or auto (bf16 where the "
           "device has it natively, else fp32)",
           choices=("fp32", "bf16", "auto")),
+    Param("fidelity", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
+          "the authors' BatchNorm and layer4 choices (authors), the kit's (kit), or auto: authors on real data, "
+          "kit on the synthetic set (README: Fidelity to the authors' code)", choices=("auto", "authors", "kit")),
     Param("pretrain_epochs", Kind.INT, 10, (_FEAT,), "epochs of the kit's synthetic macro-expression pre-training",
           min=1),
     Param("feature_batch_size", Kind.INT, 64, (_FEAT,), "images per batch when computing trunk features", min=1),
@@ -390,6 +396,11 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
     if effective.get("backbone") == "fer" and "fer_checkpoint" in effective and effective["fer_checkpoint"] is None:
         problems.append(f"backbone ({where('backbone')}): 'fer' needs fer_checkpoint (the FER+ ResNet-18 file), "
                         "which is not given")
+    fidelity = effective.get("fidelity")
+    if effective.get("backbone") == "random" and (fidelity == "kit" or (fidelity == "auto" and dataset == "synthetic")):
+        problems.append(f"fidelity ({where('fidelity')}): {fidelity!r} is the kit's preset here, which starts layer4 "
+                        "from the trunk's checkpoint, but backbone 'random' has none; pass fidelity 'authors' (random "
+                        "layer4) or another backbone")
     return problems
 
 

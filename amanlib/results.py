@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cache import key_of
 from .metrics import scores, write_megc_log
 from .runtime import atomic_write
 
@@ -69,16 +70,19 @@ def save_json(obj: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=_plain)))
 
 
+def _relative(results_dir, path) -> str:
+    return Path(path).resolve().relative_to(Path(results_dir).resolve()).as_posix()
+
+
 def update_metrics(results_dir, **fields) -> dict:
     """Merge fields into results_dir/metrics.json (written atomically); run_dir is stored relative to
     results_dir so the folder can move."""
     path = Path(results_dir) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
-    relative = lambda p: Path(p).resolve().relative_to(Path(results_dir).resolve()).as_posix()  # noqa: E731
     if "run_dir" in fields:
-        fields["run_dir"] = relative(fields["run_dir"])
+        fields["run_dir"] = _relative(results_dir, fields["run_dir"])
     if "run_dirs" in fields:
-        fields["run_dirs"] = [relative(p) for p in fields["run_dirs"]]
+        fields["run_dirs"] = [_relative(results_dir, p) for p in fields["run_dirs"]]
     metrics.update(fields)
     save_json(metrics, path)
     return metrics
@@ -157,7 +161,38 @@ def protocol_gap(predictions: pd.DataFrame, epoch_selection: str) -> pd.DataFram
 
 def run_title(metrics: dict) -> str:
     return (f"{metrics['model']}, epochs {metrics['epoch_selection']}"
-            + (" (OPTIMISTIC)" if metrics["optimistic"] else ""))
+            + (" (OPTIMISTIC)" if metrics["optimistic"] else "") + f", fidelity {metrics['fidelity']['name']}")
+
+
+def _fidelity(cache, config: dict) -> dict:
+    """Which of the authors' choices a run made (amanlib.fidelity): its preset's name and the three choices."""
+    from .fidelity import name_of
+    choices = {"trunk_bn": cache.inputs["trunk"]["bn"], "layer4_bn": config["layer4_bn"],
+               "layer4_init": config["layer4_init"]}
+    return {"name": name_of(**choices), **choices}
+
+
+def _by_fidelity(results_dir, entry: dict) -> dict:
+    """AMAN's scores per fidelity preset on this clip table and these seeds: the earlier metrics.json's entries
+    of the other presets when they were trained on the same clips and seeds and their runs still exist."""
+    try:
+        old = read_metrics(results_dir).get("by_fidelity", {})
+    except (FileNotFoundError, ValueError):
+        old = {}
+    same = lambda e: e.get("clips_key") == entry["clips_key"] and e.get("seeds") == entry["seeds"] \
+        and e.get("epoch_selection") == entry["epoch_selection"]  # noqa: E731
+    kept = {name: e for name, e in old.items()
+            if same(e) and all((Path(results_dir) / d).is_dir() for d in e["run_dirs"])}
+    return {**kept, entry["fidelity"]: entry}
+
+
+def fidelity_table(metrics: dict) -> pd.DataFrame:
+    """AMAN under each fidelity preset trained on this clip table (notebook 05 shows it when there are two)."""
+    return pd.DataFrame({name: {"UF1": f"{e['uf1']:.3f} [{e['uf1_ci'][0]:.3f}, {e['uf1_ci'][1]:.3f}]",
+                                "UAR": f"{e['uar']:.3f} [{e['uar_ci'][0]:.3f}, {e['uar_ci'][1]:.3f}]",
+                                "trunk bn": e["trunk_bn"], "layer4 bn": e["layer4_bn"],
+                                "layer4 init": e["layer4_init"]}
+                         for name, e in metrics.get("by_fidelity", {}).items()}).T
 
 
 def headline(metrics: dict) -> str:
@@ -204,9 +239,17 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
              "p_value": float(r.p_value)} for r in comparisons.itertuples()],
         "mechanism": mechanism,
         "method": STATS_METHOD,
+        "fidelity": _fidelity(cache, cfg),
         "run_dir": first.out_dir,
         "run_dirs": [runs[s].out_dir for s in seeds],
     }
+    fidelity = fields["fidelity"]
+    fields["by_fidelity"] = _by_fidelity(results_dir, {
+        "fidelity": fidelity["name"], **{k: v for k, v in fidelity.items() if k != "name"},
+        "clips_key": key_of(index[["dataset", "subject", "clip", "label"]].astype(str).values.tolist()),
+        "seeds": seeds, "epoch_selection": cfg["epoch_selection"],
+        **{k: aman[k] for k in ("uf1", "uar", "uf1_ci", "uar_ci")},
+        "run_dirs": [_relative(results_dir, runs[s].out_dir) for s in seeds]})
     path = Path(results_dir) / "metrics.json"
     path.unlink(missing_ok=True)  # a new run: nothing of an earlier one survives
     return update_metrics(results_dir, **fields)
@@ -268,16 +311,22 @@ def readme_table(metrics: dict) -> str:
 
 
 README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
+DIFFERENCES_START = "<!-- differences from the authors' code: rendered from amanlib/fidelity.py -->"
+DIFFERENCES_END = "<!-- end of differences -->"
 
 
 def render_readme(readme: str | Path, metrics: dict) -> bool:
-    """Replace README's results table (between its markers) by the one rendered from metrics; True if it changed."""
+    """Replace README's results table and its table of differences from the authors' code (each between its
+    markers) by the ones rendered from metrics and amanlib.fidelity; True if README changed."""
+    from .fidelity import differences_markdown
     readme = Path(readme)
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} lacks the markers {README_START!r} and {README_END!r}")
-    head, rest = text.split(README_START, 1)
-    new = head + README_START + "\n" + readme_table(metrics) + README_END + rest.split(README_END, 1)[1]
+    text = new = readme.read_text()
+    for start, end, block in ((README_START, README_END, readme_table(metrics)),
+                              (DIFFERENCES_START, DIFFERENCES_END, differences_markdown())):
+        if start not in new or end not in new:
+            raise ValueError(f"{readme} lacks the markers {start!r} and {end!r}")
+        head, rest = new.split(start, 1)
+        new = head + start + "\n" + block + end + rest.split(end, 1)[1]
     if new != text:
         atomic_write(readme, lambda tmp: tmp.write_text(new))
     return new != text

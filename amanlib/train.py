@@ -21,13 +21,14 @@ from .cache import Entry, file_digest, tensor_digest
 from .checkpoints import read_state_dict
 from .features import FeatureCache
 from .metrics import megc_scores, uar, uf1
-from .model import AMAN
+from .model import AMAN, LAYER4_BN
 from .results import LOSOResult
 from .runtime import autocast, progress_bar, resolve_device, torch_save_atomic
 
 log = logging.getLogger(__name__)
 
 EPOCH_SELECTIONS = ("fixed", "inner_val", "paper")
+LAYER4_INITS = ("random", "backbone")
 INDEX_COLUMNS = ("dataset", "subject", "clip", "label")
 
 
@@ -49,7 +50,9 @@ class TrainConfig:
     num_workers: int = 0  # CPU threads for torch (0 keeps torch's default); batches need no loader workers
     epoch_selection: str = "fixed"  # fixed: last epoch | inner_val: one training subject picks it | paper
     frozen_layer4: bool = False  # CPU fast path: layer4 pre-trained and frozen, pooled features computed once
-    init_layer4_from: str | None = None  # ResNet-18 checkpoint (FER+ or the kit's own) for layer4
+    layer4_bn: str = "per_slice"  # per_slice: BatchNorm statistics per (frame, factor), as the authors | joint
+    layer4_init: str = "random"  # random: as the authors' train.py | backbone: from init_layer4_from
+    init_layer4_from: str | None = None  # ResNet-18 checkpoint (FER+ or the kit's own), with layer4_init backbone
     factor_slots: tuple[int, ...] | None = None  # slots along K to use (None: all); values are in the features
     use_alpha: bool = True
     use_beta: bool = True
@@ -69,6 +72,13 @@ class TrainConfig:
                     or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
                                  f"got {value!r}")
+        for name, allowed in (("layer4_bn", LAYER4_BN), ("layer4_init", LAYER4_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if (self.layer4_init == "backbone") != bool(self.init_layer4_from):
+            raise ValueError("TrainConfig.init_layer4_from names the checkpoint layer4 starts from with "
+                             f"layer4_init='backbone', and only then; got layer4_init={self.layer4_init!r}, "
+                             f"init_layer4_from={self.init_layer4_from!r}")
         if self.factor_slots is not None:
             self.factor_slots = tuple(int(k) for k in self.factor_slots)
             if not self.factor_slots:
@@ -129,7 +139,7 @@ class _Fold:
         self.generator = torch.Generator().manual_seed(seed)
         self.model = AMAN(num_classes, in_channels=256 if self.pooled else features.shape[3],
                           use_alpha=cfg.use_alpha, use_beta=cfg.use_beta, layer4=not self.pooled,
-                          channels_last=cfg.channels_last and device.type != "cpu").to(device)
+                          layer4_bn=cfg.layer4_bn, channels_last=cfg.channels_last and device.type != "cpu").to(device)
         if not self.pooled and cfg.init_layer4_from:
             self.model.load_layer4(cfg.init_layer4_from)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -487,8 +497,12 @@ def model_name(cfg: TrainConfig) -> str:
 
 
 def describe(cfg: TrainConfig, index: pd.DataFrame, cache: FeatureCache) -> str:
-    """One Markdown line naming what is trained on what."""
+    """One Markdown line naming what is trained on what, and under which fidelity preset."""
+    from .fidelity import name_of
     optimistic = " (OPTIMISTIC)" if cfg.optimistic else ""
+    random_frozen = ", **layer4 frozen at random weights**" if cfg.frozen_layer4 and cfg.layer4_init == "random" else ""
     return (f"**{model_name(cfg)}**, epoch selection `{cfg.epoch_selection}`{optimistic}, {len(index)} clips, "
             f"{len(loso_folds(index))} folds, features {tuple(cache.features.shape)} (factors {cache.factors}), "
-            f"backbone: {cache.backbone['name']}, device {resolve_device(cfg.device)}")
+            f"backbone: {cache.backbone['name']}, fidelity "
+            f"{name_of(cache.inputs['trunk']['bn'], cfg.layer4_bn, cfg.layer4_init)}{random_frozen}, "
+            f"device {resolve_device(cfg.device)}")

@@ -112,3 +112,40 @@ def test_feature_cache_resumes_and_keys_other_settings_apart(tmp_path, monkeypat
                                          progress=False)  # other settings: a folder of their own, the old one kept
     assert other.path != out.path and (out.path / "done.json").exists()
     assert features.load_feature_cache(tmp_path / "cache").key == other.key
+
+
+def test_frame_batch_features_are_the_authors_extraction(tmp_path):
+    """Each frame's magnified images form one BatchNorm batch (a train-mode trunk per frame, as the authors'
+    extractor runs it); the unmagnified slot is a batch of its own and changes no magnified slot."""
+    import copy
+
+    import numpy as np
+
+    import amanlib.features as features
+    from amanlib.data import make_synthetic
+    from amanlib.magnify import load_magnifier
+
+    index = make_synthetic(tmp_path / "syn", seed=0, n_subjects=2, clips_per_subject=1)
+    mag = load_magnifier("eulerian")
+    torch.manual_seed(0)
+    trunk = ResNet18Trunk(bn="frame_batch")
+    authors = copy.deepcopy(ResNet18Trunk()).train()
+    authors.load_state_dict(trunk.state_dict())
+    running = {k: v.clone() for k, v in trunk.state_dict().items()}
+    with_plain = features.build_feature_cache(index, mag, trunk, [1.0, 2.0, 4.0], 2, tmp_path / "a", device="cpu",
+                                              progress=False)
+    only_magnified = features.build_feature_cache(index, mag, trunk, [2.0, 4.0], 2, tmp_path / "b", device="cpu",
+                                                  progress=False)
+    np.testing.assert_array_equal(with_plain.features[:, :, 1:], only_magnified.features)  # slot 1 changes nothing
+    clip = features.magnify_clip(index.iloc[1], mag, [2.0, 4.0], 2)  # F, K, 3, H, W
+    with torch.no_grad():
+        expected = torch.stack([authors(preprocess(frame)) for frame in clip])  # one train-mode call per frame
+    np.testing.assert_allclose(only_magnified.features[1].astype(np.float32), expected.numpy(), atol=2e-2, rtol=1e-2)
+    alone = features.extract_features(clip[:, :1], trunk, device="cpu", progress=False)  # per-frame statistics
+    assert not torch.allclose(alone[:, 0], expected[:, 0], atol=1e-2)  # so the batch does matter
+    assert all(torch.equal(v, running[k]) for k, v in trunk.state_dict().items())  # running statistics untouched
+    same_weights = ResNet18Trunk()
+    same_weights.load_state_dict(trunk.state_dict())
+    eval_mode = features.build_feature_cache(index, mag, same_weights, [2.0, 4.0], 2, tmp_path / "b", device="cpu",
+                                             progress=False)
+    assert eval_mode.key != only_magnified.key and eval_mode.inputs["trunk"]["bn"] == "running"  # keyed apart

@@ -96,7 +96,7 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
         "methods": ["learning", "eulerian", "phase"] if learning else ["eulerian", "phase"], "factors": [2, 4],
         "sweep_factors": [1, 4],
         "magnifier": "learning" if learning else "eulerian", "download_magnet": False, "n_frames": 2,
-        "backbone": "random", "epochs": 2, "other_logs": str(logs) if logs.exists() else None,
+        "backbone": "random", "fidelity": "authors", "epochs": 2, "other_logs": str(logs) if logs.exists() else None,
     }
     monkeypatch.chdir(tmp_path)
     argv = readme_batch_command(seed=0, rule="fixed") + ["--cell-timeout", "600"]
@@ -124,6 +124,8 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     assert metrics["dataset"] == "synthetic" and metrics["clips"] == 9
     assert metrics["label_protocol"] == "megc2019_3class" and metrics["epoch_selection"] == "fixed"
     assert metrics["model"] == "AMAN, frozen layer4" and metrics["backbone"] == "random"
+    assert metrics["fidelity"] == {"name": "authors", "trunk_bn": "frame_batch", "layer4_bn": "per_slice",
+                                   "layer4_init": "random"}
     assert metrics["factors"] == [1.0, 2.0, 4.0]
     assert (results / metrics["run_dir"] / "predictions.csv").exists()
     assert not Path(metrics["run_dir"]).is_absolute()  # the results folder can be moved or committed

@@ -169,7 +169,7 @@ def test_frozen_layer4_and_ablations(tmp_path):
     assert names == ["AMAN", "magnification attention only", "frame attention only", "no magnification",
                      "single factor 2", "single factor 4"]
     assert ablation_variants(factors)[0].factor_slots == (1, 2)
-    cfg = TrainConfig(**FAST, frozen_layer4=True, init_layer4_from=str(tmp_path / "trunk.pth"))
+    cfg = TrainConfig(**FAST, frozen_layer4=True, layer4_init="backbone", init_layer4_from=str(tmp_path / "trunk.pth"))
     table, result = run_ablations(x, index, factors, cfg, tmp_path / "abl", progress=False)
     runs = {v: r for (v, _), r in result.runs.items()}
     assert set(table.variant) == set(names) and set(table.subset) == {"full", "casme2"}
@@ -179,3 +179,32 @@ def test_frozen_layer4_and_ablations(tmp_path):
     assert len(pooled_files) == 1  # pooled once for all variants
     pooled = torch.load(pooled_files[0])
     assert pooled.shape == (12, 2, 3, 512)
+
+
+@pytest.mark.parametrize("rule, test_acc, expected", [
+    ("paper", [0.5, 1.0, 1.0], (1, 1, 2)),  # stops at its first 100% epoch, which it keeps
+    ("paper", [0.0, 0.0, 0.0], (2, 2, 3)),  # never classified right: the last epoch, as the authors keep it
+    ("paper", [0.3, 0.6, 0.6, 0.2], (1, 1, 4)),  # the first epoch reaching the best
+    ("fixed", [0.0, 1.0, 0.5], (2, 1, 3)),  # honest rules never stop on test accuracy
+])
+def test_epoch_rules(rule, test_acc, expected):
+    assert train.choose_epoch([{"test_acc": a} for a in test_acc], rule) == expected
+
+
+def test_paper_rule_stops_at_100_and_keeps_the_last_epoch_of_a_subject_never_right(tmp_path):
+    index = toy_index(n_subjects=4, per_subject=6)
+    index["label"] = [0, 1] * 12
+    index.loc[index.subject == "sub03", "label"] = 2  # a class no training clip has: never predicted
+    x = toy_pooled(index, signal=3.0)
+    cfg = TrainConfig(epochs=8, device="cpu", epoch_selection="paper")
+    paper = run_loso(x, index, cfg, tmp_path / "paper", progress=False)
+    fixed = run_loso(x, index, dataclasses.replace(cfg, epoch_selection="fixed"), tmp_path / "fixed", progress=False)
+    epochs = paper.history.groupby("fold").epoch.max() + 1
+    assert (paper.history.groupby("fold").test_acc.max() == 1.0).sum() >= 2  # the signal is strong enough
+    for fold, h in paper.history.groupby("fold"):
+        hits = np.flatnonzero(h.test_acc.to_numpy() == 1.0)
+        assert epochs[fold] == (hits[0] + 1 if len(hits) else 8)  # trained up to the first 100% epoch only
+    never = paper.predictions[paper.predictions.subject == "sub03"]
+    assert (never.epoch == 7).all() and (never.pred != never.gt).all()
+    assert (fixed.history.groupby("fold").epoch.max() == 7).all()
+    np.testing.assert_array_equal(fixed.predictions.pred_best_test, paper.predictions.pred)

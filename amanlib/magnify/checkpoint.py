@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import urllib.request
 from pathlib import Path
 
 import torch
 
-from amanlib.checkpoints import read_state_dict
 from amanlib.cache import file_digest
-from amanlib.runtime import atomic_write
+from amanlib.checkpoints import read_state_dict
+from amanlib.download import download_verified, resolve_dest
 
 MAGNET_FILENAME = "learning_based_mag.pth.tar"
 MAGNET_SHA256 = "a259b19b5bbef69d3efea1182369fd179e429c315ace107ebe0ded6792ff60ba"
@@ -44,28 +42,18 @@ def verify_checkpoint(path: str | Path, sha256: str = MAGNET_SHA256) -> Path:
 
 
 def download_magnet_checkpoint(
-    dest: str | Path | None = None, url: str = MAGNET_URL, sha256: str = MAGNET_SHA256
+    dest: str | Path | None = None, url: str = MAGNET_URL, sha256: str = MAGNET_SHA256, *,
+    timeout: float = 60, progress: bool = True,
 ) -> Path:
     """Fetch the checkpoint to dest (a file, or a folder to put it in), verify its SHA-256, return its path.
 
-    An existing file with the right digest is kept; a download with the wrong digest is deleted, never installed.
+    An existing file with the right digest is kept (no network), a wrong one replaced; a download with the wrong
+    digest is deleted, never installed. Transfer failures raise amanlib.download.DownloadError (an OSError).
     """
-    dest = Path(dest) if dest is not None else default_checkpoint_path()
-    if dest.is_dir():
-        dest = dest / MAGNET_FILENAME
-    if dest.is_file() and sha256_of(dest) == sha256:
-        return dest
-
-    def fetch(tmp: Path) -> None:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
-            shutil.copyfileobj(response, fh)
-        actual = sha256_of(tmp)
-        if actual != sha256:
-            raise ValueError(
-                f"download from {url} has SHA-256 {actual}, expected {sha256}; nothing was written to {dest}"
-            )
-
-    return atomic_write(dest, fetch)
+    dest = resolve_dest(dest, default_checkpoint_path(), MAGNET_FILENAME)
+    return download_verified(url, dest, sha256_of, sha256, "the authors' learning-based magnification checkpoint",
+                             digest_name="SHA-256", env_var="AMANLIB_MAGNET_CHECKPOINT", timeout=timeout,
+                             progress=progress)
 
 
 def load_magnet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
