@@ -44,6 +44,9 @@ bench: $(STAMP)
 	$(PY) bench/magnify.py
 	$(PY) bench/train.py
 	$(PY) bench/sweep.py --loop-runs 4
+	$(PY) bench/flops.py
+	$(PY) bench/memory.py
+	$(PY) bench/ray.py
 
 clean:
 	rm -rf $(VENV) results/notebooks results/figures results/bench results/work results/metrics.json .pytest_cache

@@ -55,6 +55,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,6 +91,16 @@ def _check_resource(name: str, value, positive: bool) -> None:
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
     if value > 1 and value != int(value):
         raise ValueError(f"{name} must be a whole number when above 1 (fractions only below 1), got {value!r}")
+
+
+@contextmanager
+def as_executor(executor: str | Executor = "local") -> Iterator[Executor]:
+    """An Executor for a run: the one given (its owner closes it), or one made from a name and closed after."""
+    if isinstance(executor, Executor):
+        yield executor
+        return
+    with make_executor(executor) as ex:
+        yield ex
 
 
 def _parse_address(address: str | None) -> tuple[str, int] | None:

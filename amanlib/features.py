@@ -16,8 +16,9 @@ from torch import nn
 
 from .backbone import preprocess
 from .cache import KEY_FILE, KEY_LENGTH, STAMP_FILE, Entry, file_digest, tensor_digest
-from .fer import FER_BLOB_SHA1, FER_URL, download_fer_checkpoint  # noqa: F401  (public here too)
 from .data import load_clip_frames, select_frame_numbers, select_frames
+from .executors import as_executor
+from .fer import FER_BLOB_SHA1, FER_URL, download_fer_checkpoint  # noqa: F401  (public here too)
 from .results import save_json
 from .runtime import atomic_write, autocast, progress_bar, resolve_device, resolve_precision
 
@@ -161,14 +162,15 @@ def factor_set(factors=None, include_unmagnified: bool = True) -> list[float]:
 
 def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root: str | Path,
                         magnifier_name: str = "", size: int | None = None, batch_size: int = 64, device="auto",
-                        precision: str = "fp32", progress: bool = True) -> FeatureCache:
+                        precision: str = "fp32", progress: bool = True, executor="local") -> FeatureCache:
     """Magnify every clip and run the trunk into root/<key>/features.f16 ([N, F, K, 256, 14, 14] float16).
 
     The key covers every frame file read (by content), onset/apex, factors, magnifier, size and trunk, so
     changed inputs get a folder of their own. Clips already done are skipped: an interrupted run resumes.
     `backbone` is an amanlib.backbone.Backbone (its name and checkpoint are kept with the cache, for
     layer4) or a bare trunk module. `precision` is the trunk's (fp32, bf16, or auto: bf16 where the device
-    has it natively); the magnifier has its own (magnify.magnifier_for).
+    has it natively); the magnifier has its own (magnify.magnifier_for). `executor` ('local', 'ray' or an
+    amanlib.executors Executor) computes the clips, each worker setting up magnifier and trunk once.
     """
     trunk = getattr(backbone, "trunk", backbone)
     autocast_dtype = resolve_precision(precision, device)
@@ -184,7 +186,8 @@ def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root
     entry = Entry(root, inputs, "features")
     if not entry.done:
         with entry.writing():
-            _fill(entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress, autocast_dtype)
+            _fill(entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress, autocast_dtype,
+                  executor)
     checkpoint = getattr(backbone, "checkpoint", None)
     save_json({"name": inputs["trunk"]["name"], "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
                "note": getattr(backbone, "note", "")}, entry.path / BACKBONE_FILE)
@@ -192,8 +195,28 @@ def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root
     return _open(entry.path, entry.key)
 
 
+class ClipFeatures:
+    """Magnifier and trunk set up once per worker (local or a Ray actor): clip number -> its features
+    [F, K, 256, 14, 14] float16."""
+
+    def __init__(self, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, autocast_dtype):
+        self.device = resolve_device(device)
+        self.magnifier = magnifier.to(self.device) if hasattr(magnifier, "to") else magnifier
+        self.rows, self.trunk, self.factors, self.n_frames, self.size = rows, trunk, factors, n_frames, size
+        self.batch_size, self.autocast_dtype = batch_size, autocast_dtype
+
+    def __call__(self, i: int) -> np.ndarray:
+        with torch.inference_mode():
+            clip = magnify_clip(self.rows.loc[i], self.magnifier, self.factors, self.n_frames, self.size,
+                                self.device)  # F, K, 3, H, W
+        return clip_features(clip, self.factors, self.trunk, batch_size=self.batch_size, device=self.device,
+                             dtype=torch.float16, progress=False, autocast_dtype=self.autocast_dtype).numpy()
+
+
 def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress,
-          autocast_dtype) -> None:
+          autocast_dtype, executor) -> None:
+    """Compute the clips not done yet (here or on the executor's workers) and write each as it arrives: this
+    process is the only writer of the memmap and its done flags, so a resumed or retried clip is never mixed."""
     if entry.done:  # finished by another run while we waited for the lock
         return
     shape = (len(rows), n_frames, len(factors), 256, 14, 14)
@@ -207,22 +230,21 @@ def _fill(entry: Entry, rows, magnifier, trunk, factors, n_frames, size, batch_s
     _reserve(data_path, data.offset + data.nbytes)
     if mode == "w+":
         atomic_write(done_path, lambda tmp: np.save(tmp, done))
-    device = resolve_device(device)
-    if hasattr(magnifier, "to"):
-        magnifier = magnifier.to(device)
-    todo = np.flatnonzero(~done)
-    for i in progress_bar(todo, desc="magnify + features", disable=not progress or not len(todo)):
-        with torch.inference_mode():
-            clip = magnify_clip(rows.loc[i], magnifier, factors, n_frames, size, device)  # F, K, 3, H, W
-        feats = clip_features(clip, factors, trunk, batch_size=batch_size, device=device, dtype=torch.float16,
-                              progress=False, autocast_dtype=autocast_dtype)
-        if not torch.isfinite(feats).all():
-            raise ValueError(f"clip {entry.inputs['clips'][i]['clip']}: its features hold NaN or inf (magnified "
-                             "images out of range?); nothing of it was cached")
-        data[i] = feats.view(shape[1:]).numpy()
-        data.flush()
-        done[i] = True
-        atomic_write(done_path, lambda tmp: np.save(tmp, done))
+    todo = np.flatnonzero(~done).tolist()
+    shared = {"rows": rows, "magnifier": magnifier, "trunk": trunk, "factors": factors, "n_frames": n_frames,
+              "size": size, "batch_size": batch_size, "device": device, "autocast_dtype": autocast_dtype}
+    with as_executor(executor) as ex:
+        finished = ex.actor_map(ClipFeatures, "__call__", todo, shared)
+        for position, feats in progress_bar(finished, total=len(todo), desc="magnify + features",
+                                            disable=not progress or not todo):
+            i = todo[position]
+            if not np.isfinite(feats).all():
+                raise ValueError(f"clip {entry.inputs['clips'][i]['clip']}: its features hold NaN or inf (magnified "
+                                 "images out of range?); nothing of it was cached")
+            data[i] = feats
+            data.flush()
+            done[i] = True
+            atomic_write(done_path, lambda tmp: np.save(tmp, done))
     entry.finish({"shape": list(shape)})
 
 

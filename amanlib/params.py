@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import enum
+import importlib.util
 import logging
 import math
 import numbers
@@ -202,6 +203,17 @@ _PARAMS = [
           min=0, rule=lambda v: len(set(v)) == len(v), rule_text="without repeats"),
     Param("ablations", Kind.BOOL, True, (_TRAIN,), "also train the ablation variants"),
     Param("amp", Kind.BOOL, None, (_TRAIN,), "None: bf16/fp16 autocast on CUDA", none_ok=True),
+    # 03 and 04: where the work runs
+    Param("executor", Kind.CHOICE, "local", (_FEAT, _TRAIN),
+          "local: this process; ray: Ray tasks (clips, folds, sweep chunks) on a local instance or ray_address",
+          choices=("local", "ray")),
+    Param("ray_address", Kind.STR, None, (_FEAT, _TRAIN),
+          "None: start a local Ray instance; 'auto': the cluster `ray start` runs here; 'ray://host:port'",
+          none_ok=True, pattern=r"auto|(ray://)?[^\s:]+:[0-9]+", expect="'auto', 'ray://host:port' or 'host:port'"),
+    Param("cpus_per_task", Kind.FLOAT, 1, (_FEAT, _TRAIN), "CPU cores per Ray task (its torch threads)", min=0,
+          min_exclusive=True),
+    Param("gpus_per_task", Kind.FLOAT, 0, (_FEAT, _TRAIN), "GPUs per Ray task; fractions share a GPU (0.25: four "
+          "folds per GPU)", min=0),
     # 05_confusion_analysis
     _optional_path("other_logs", PathRole.FOLDER, (_CONF,),
                    "folder of other methods' MEGC2019 logs (*.txt) to score"),
@@ -396,6 +408,11 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
     if effective.get("backbone") == "fer" and "fer_checkpoint" in effective and effective["fer_checkpoint"] is None:
         problems.append(f"backbone ({where('backbone')}): 'fer' needs fer_checkpoint (the FER+ ResNet-18 file), "
                         "which is not given")
+    if effective.get("executor") == "local" and effective.get("ray_address") is not None:
+        problems.append(f"ray_address ({where('ray_address')}): {effective['ray_address']!r} is only used with "
+                        "executor 'ray'")
+    if effective.get("executor") == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append(f"executor ({where('executor')}): 'ray' needs the ray package: pip install -e '.[ray]'")
     fidelity = effective.get("fidelity")
     if effective.get("backbone") == "random" and (fidelity == "kit" or (fidelity == "auto" and dataset == "synthetic")):
         problems.append(f"fidelity ({where('fidelity')}): {fidelity!r} is the kit's preset here, which starts layer4 "

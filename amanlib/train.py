@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .cache import Entry, file_digest, tensor_digest
+from .executors import as_executor
 from .checkpoints import read_state_dict
 from .features import FeatureCache
 from .metrics import megc_scores, uar, uf1
@@ -371,14 +372,16 @@ def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig) -> dict
 
 
 def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
-             runs_dir: str | Path = "results/work/runs", progress: bool = True, bar=None) -> LOSOResult:
+             runs_dir: str | Path = "results/work/runs", progress: bool = True, bar=None,
+             executor="local") -> LOSOResult:
     """Leave-one-subject-out over `index` (columns dataset, subject, clip, label) with features [N, F, K, ...]
     (a FeatureCache, Keyed features, or a tensor/array).
 
     The run goes into runs_dir/<key> (key: features, clip rows in order, settings), written under a lock:
     folds/<fold>.pt as each finishes, then predictions.csv, attention.npz, history.csv, scores.csv,
     config.json and megc_log.txt. A re-run skips finished folds. `bar`, an outer progress bar, is advanced
-    once per fold instead of showing a bar of its own.
+    once per fold instead of showing a bar of its own. `executor` ('local', 'ray' or an amanlib.executors
+    Executor) runs the folds; this process writes every result, so either resumes the other's run.
     """
     cfg = cfg or TrainConfig()
     index = index.reset_index(drop=True)
@@ -396,9 +399,9 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     bar = progress_bar(total=len(folds), desc="LOSO folds", disable=not progress) if own else bar
     try:
         if not entry.done:
-            with entry.writing():
+            with entry.writing(), as_executor(executor) as ex:
                 if not entry.done:
-                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, _fix(features))
+                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, _fix(features), ex)
         else:
             bar.update(len(folds))
     finally:
@@ -407,27 +410,35 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     return LOSOResult.load(entry.path)
 
 
-def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str) -> None:
+def _fold_task(fold: tuple, cfg, tensor, labels, index, num_classes) -> dict:
+    """One fold, wherever it runs: (position, test rows, training rows) -> train_fold's result."""
+    i, test_rows, train_rows = fold[0], np.array(fold[1]), np.array(fold[2])  # writable copies (Ray's are not)
+    device = resolve_device(cfg.device)
+    return train_fold(cfg, _place(tensor, device), labels, index, test_rows, train_rows, num_classes, device,
+                      seed=cfg.seed * 100_003 + i)
+
+
+def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str, ex) -> None:
     check_finite(tensor, clip_names(index), fix)
     num_classes = cfg.num_classes or int(labels.max()) + 1
     if cfg.num_workers:
         torch.set_num_threads(cfg.num_workers)
-    device = resolve_device(cfg.device)
-    tensor = _place(tensor, device)
-    done = []
-    for i, (name, test_rows, train_rows) in enumerate(folds):
-        path = entry.path / "folds" / f"{name.replace('/', '_')}.pt"
-        if path.exists():
-            result = torch.load(path, weights_only=False)
-        else:
-            result = train_fold(cfg, tensor, labels, index, test_rows, train_rows, num_classes, device,
-                                seed=cfg.seed * 100_003 + i)
-            torch_save_atomic(result, path)
-        done.append((name, result))
-        rows = np.concatenate([r["rows"] for _, r in done])
-        gt, pred = labels[rows].numpy(), np.concatenate([r["pred"] for _, r in done])
+    if ex.name == "local":
+        tensor = _place(tensor, resolve_device(cfg.device))  # once for all folds
+    paths = [entry.path / "folds" / f"{name.replace('/', '_')}.pt" for name, _, _ in folds]
+    results = {i: torch.load(p, weights_only=False) for i, p in enumerate(paths) if p.exists()}
+    todo = [(i, test, train) for i, (_, test, train) in enumerate(folds) if i not in results]
+    bar.update(len(results))
+    shared = {"cfg": cfg, "tensor": tensor, "labels": labels, "index": index, "num_classes": num_classes}
+    for position, result in ex.map(_fold_task, todo, shared):
+        i = todo[position][0]
+        torch_save_atomic(result, paths[i])
+        results[i] = result
+        rows = np.concatenate([r["rows"] for r in results.values()])
+        gt, pred = labels[rows].numpy(), np.concatenate([r["pred"] for r in results.values()])
         bar.update()
         bar.set_postfix(uf1=f"{uf1(gt, pred):.3f}", uar=f"{uar(gt, pred):.3f}")
+    done = [(name, results[i]) for i, (name, _, _) in enumerate(folds)]  # fold order, whatever ran them
     _finish_run(entry, cfg, done, index, labels, factors, slots, num_classes)
 
 

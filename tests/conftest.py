@@ -16,6 +16,17 @@ def reference_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs on CI) for every test that needs one: starting Ray takes 5-20 s."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+    from amanlib.executors import make_executor
+    executor = make_executor("ray")
+    yield executor
+    executor.close()
+    assert not ray.is_initialized(), "close() must stop the Ray instance the executor started"
+
+
 @pytest.fixture
 def reference():
     return reference_path

@@ -17,14 +17,11 @@ WEIGHT = torch.linspace(-1, 1, 4, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
-def ray_executor():
-    """One local Ray instance (2 CPUs on CI) for the module; this file's functions travel by value to workers."""
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
+def ray_executor(ray_session):
+    """The session's local Ray instance; this file's functions travel by value to its workers."""
+    import ray
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    executor = make_executor("ray")
-    yield executor
-    executor.close()
-    assert not ray.is_initialized(), "close() must stop the Ray instance the executor started"
+    return ray_session
 
 
 def weighted(item, weight):
