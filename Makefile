@@ -46,7 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/sweep.py --loop-runs 4
 	$(PY) bench/flops.py
 	$(PY) bench/memory.py
-	$(PY) bench/ray.py
+	$(PY) bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) results/notebooks results/figures results/bench results/work results/metrics.json .pytest_cache

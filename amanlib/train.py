@@ -455,7 +455,7 @@ def _collect(done, index, labels, cfg, out_dir, config) -> LOSOResult:
     frames = []
     for name, r in done:
         part = index.loc[r["rows"], ["dataset", "subject", "clip"]].copy()
-        part["gt"] = labels[r["rows"]].numpy()
+        part["gt"] = labels.numpy()[r["rows"]]
         part["pred"], part["fold"], part["epoch"] = r["pred"], name, r["epoch"]
         part["pred_last"], part["pred_best_test"] = r["pred_last"], r["pred_best_test"]
         part["alpha"], part["beta"] = list(r["alpha"]), list(r["beta"])

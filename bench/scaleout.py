@@ -3,7 +3,7 @@
 Both engines train the same folds in this process's run folders; the predictions are compared and the
 seconds printed as a ratio, with Ray's start-up apart. On the composite the units are hours of GPU work
 (bench/flops.py prints the estimated composite time on N GPUs), so this start-up and the per-task overhead
-are what Ray costs there. Writes results/bench/ray.csv.
+are what Ray costs there. Writes results/bench/scaleout.csv.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--clips-per-subject", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--cpus-per-task", type=float, default=1)
-    p.add_argument("--out", default="results/bench/ray.csv")
+    p.add_argument("--out", default="results/bench/scaleout.csv")
     args = p.parse_args(argv)
     index, x = toy(args.subjects, args.clips_per_subject, frames=2, factors=3, size=6)
     cfg = TrainConfig(epochs=args.epochs, device="cpu", layer4_bn="per_slice")
