@@ -1,9 +1,14 @@
 """Every LOSO fold x variant x seed of the frozen-layer4 path trained as one batched program.
 
-Model m is exactly the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn
-from the fold's seed), the same shuffles, the same RMSprop + StepLR updates. Parameters are stacked over
+Model m is the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn from
+the fold's seed), the same shuffles, the same RMSprop + StepLR updates, up to float rounding (the same sums
+are taken in another order; tests/test_sweep.py bounds the difference). Parameters are stacked over
 models; a model without a batch at a step (folds differ in size) is left untouched; the attention switches
-are masks, and models of one variant train together on that variant's factor slots only. Finished
+are masks, and models with as many factor slots train together, each gathering its own slots. The heads
+only ever need 2 + C projections of each (frame, slot) feature vector (w_alpha.x, w_beta.x, W_fc.x), so
+each step gathers feature rows chunk by chunk into cache for one matmul forward and one for the weights'
+gradient; the rest (attention, loss, its gradient by hand) works on the projections. Each fold's
+standardisation is folded into its models' weights, so every model reads one centred feature tensor. Finished
 (variant, seed) runs go into the keyed folders `run_loso` uses, so a re-run (with either engine) skips them.
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import Entry
+from .executors import as_executor
 from .metrics import uf1
 from .model import AMAN
 from .results import LOSOResult
@@ -28,8 +34,9 @@ from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix
                     prepare_features, run_inputs, run_loso)
 
 RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
-CHUNK_ELEMENTS = 2 ** 23  # floats of one step's gathered batch per chunk of models (32 MB: measured fastest)
-STANDARDISED_BYTES = 2 * 10 ** 9  # features standardised once per fold up to this size, else per batch
+PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
+CHUNK_ELEMENTS = 2 ** 20  # floats of gathered features per matmul on a CPU (4 MB: stays in cache; measured)
+ACCELERATOR_CHUNK_ELEMENTS = 2 ** 26  # the same on an accelerator, where fewer and larger matmuls win
 
 
 @dataclass
@@ -53,11 +60,13 @@ def _seeds(seeds) -> list[int]:
 
 def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, variants: list[Variant] | None = None,
               seeds=(0,), runs_dir: str | Path = "results/work/runs", factors=None,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, executor="local") -> SweepResult:
     """Train every variant (default: the paper's ablations) with every seed under LOSO; one progress bar.
 
-    Pooled features (the frozen-layer4 path) train as one batched program; 6-D features (the full model)
-    go through run_loso per (variant, seed). `cfg.seed` is replaced by each seed.
+    Pooled features (the frozen-layer4 path) train as batched programs of (variant, seed) models; 6-D features
+    (the full model) go through run_loso per (variant, seed). `cfg.seed` is replaced by each seed. `executor`
+    ('local', 'ray' or an amanlib.executors Executor) runs the programs, or run_loso's folds; this process
+    writes every run.
     """
     cfg = cfg or TrainConfig()
     seeds = _seeds(seeds)
@@ -77,23 +86,24 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
                                        use_beta=v.use_beta)) for v in variants for s in seeds]
     folds = loso_folds(index)
     with progress_bar(total=len(jobs) * len(folds), desc="training (variants x seeds x folds)",
-                      disable=not progress) as bar:
+                      disable=not progress) as bar, as_executor(executor) as ex:
         if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
             keyed = Keyed(tensor, key, factors, _fix(features))
-            runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar) for v, s, c in jobs}
+            runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar, executor=ex)
+                    for v, s, c in jobs}
         else:
-            runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features))
+            runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features), ex)
     return _gather(runs)
 
 
 def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
                   runs_dir: str | Path = "results/work/runs", variants: list[Variant] | None = None,
-                  seeds=None, progress: bool = True) -> tuple[pd.DataFrame, SweepResult]:
+                  seeds=None, progress: bool = True, executor="local") -> tuple[pd.DataFrame, SweepResult]:
     """run_sweep over the paper's ablations (default seeds: cfg.seed alone) and the table of UF1 / UAR /
     accuracy per variant, seed and subset."""
     cfg = cfg or TrainConfig()
     result = run_sweep(features, index, cfg, variants, seeds if seeds is not None else [cfg.seed], runs_dir, factors,
-                       progress)
+                       progress, executor)
     table = result.scores.drop(columns="epoch_selection")[["variant", "seed", "subset", "uf1", "uar", "accuracy", "n"]]
     table = table.assign(model=model_name(cfg), epoch_selection=cfg.epoch_selection
                          + (" (optimistic)" if cfg.optimistic else ""))
@@ -112,7 +122,7 @@ def _gather(runs: dict[tuple[str, int], LOSOResult]) -> SweepResult:
                        scores[first + [c for c in scores if c not in first]], runs)
 
 
-def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, fix: str) -> dict:
+def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, fix: str, ex) -> dict:
     entries = [Entry(runs_dir, run_inputs(key, index, c), "LOSO run") for _, _, c in jobs]
     todo = [i for i, e in enumerate(entries) if not e.done]
     bar.update((len(jobs) - len(todo)) * len(folds))
@@ -121,15 +131,20 @@ def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar
         cfg = jobs[todo[0]][2]
         device = resolve_device(cfg.device)
         num_classes = cfg.num_classes or int(labels.max()) + 1
-        tensor = tensor.to(device)
+        if cfg.num_workers:  # as run_loso does
+            torch.set_num_threads(cfg.num_workers)
         with ExitStack() as stack:
             for i in sorted(todo, key=lambda i: entries[i].key):  # one lock order: no deadlock between sweeps
                 stack.enter_context(entries[i].writing())
             todo = [i for i in todo if not entries[i].done]  # another run may have finished some meanwhile
-            for chunk in _chunks(todo, jobs, tensor.shape, cfg.batch_size, len(folds)):
-                results = _train_models(tensor, labels, index, folds, [jobs[i][2] for i in chunk],
-                                        num_classes, device, bar)
-                for i, done in zip(chunk, results):
+            fits = [fit for i in todo for _, fit in _splits(index, folds, jobs[i][2])]
+            source = _source(tensor, fits, device if ex.name == "local" else "cpu") if todo else None
+            programs = _programs(todo, jobs, tensor.shape[2], len(folds))
+            shared = {"source": source, "labels": labels, "index": index, "folds": folds, "num_classes": num_classes}
+            for position, results in ex.map(_program_task, [[jobs[i][2] for i in p] for p in programs], shared):
+                program = programs[position]
+                bar.update(len(program) * len(folds))
+                for i, done in zip(program, results):
                     cfg_i = jobs[i][2]
                     _finish_run(entries[i], cfg_i, done, index, labels, factors, _slots(cfg_i, len(factors)),
                                 num_classes)
@@ -140,190 +155,356 @@ def _slots(cfg: TrainConfig, n_factors: int) -> list[int]:
     return list(cfg.factor_slots) if cfg.factor_slots is not None else list(range(n_factors))
 
 
-def _chunks(todo: list[int], jobs, shape, batch_size: int, n_folds: int) -> list[list[int]]:
-    """The jobs to train together: the same factor slots (so only those are read), at most CHUNK_ELEMENTS
-    floats per step's gathered batch."""
-    groups: dict[tuple, list[int]] = {}
+def _fold_seed(cfg: TrainConfig, fold: int) -> int:
+    """The seed run_loso trains fold number `fold` with."""
+    return cfg.seed * 100_003 + fold
+
+
+def _splits(index: pd.DataFrame, folds, cfg: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per fold, (its inner validation rows, the rows it trains on), drawn as train_fold draws them."""
+    out = []
+    for i, (_, _, train_rows) in enumerate(folds):
+        val = _inner_val_subject(index, train_rows, _fold_seed(cfg, i)) if cfg.epoch_selection == "inner_val" \
+            else np.array([], int)
+        out.append((val, np.setdiff1d(train_rows, val)))
+    return out
+
+
+def _programs(todo: list[int], jobs, n_factors: int, n_folds: int) -> list[list[int]]:
+    """The jobs to train together: as many factor slots each (so every model gathers as many feature rows), at
+    most PROGRAM_MODELS models."""
+    groups: dict[int, list[int]] = {}
     for i in todo:
-        groups.setdefault(tuple(_slots(jobs[i][2], shape[2])), []).append(i)
-    chunks = []
-    for slots, members in groups.items():
-        per_model = max(1, CHUNK_ELEMENTS // (batch_size * shape[1] * len(slots) * shape[3]))
-        per_job = max(1, per_model // n_folds)
-        chunks += [members[start:start + per_job] for start in range(0, len(members), per_job)]
-    return chunks
+        groups.setdefault(len(_slots(jobs[i][2], n_factors)), []).append(i)
+    per_program = max(1, PROGRAM_MODELS // n_folds)
+    return [members[start:start + per_program] for members in groups.values()
+            for start in range(0, len(members), per_program)]
 
 
 @dataclass
-class _Models:
-    """The stacked heads of M models and what differs between them."""
+class _Source:
+    """The features as every program reads them: one centred copy x - mean (the mean over every clip; small
+    enough to stay in cache) and, after it, one row per distinct training set with the rest of its shift: its
+    standardisation is (x - mean - offset) / scale, which the programs fold into their weights."""
 
-    params: dict[str, torch.Tensor]  # Wa [M, 512], ba [M], Wb [M, 512], bb [M], Wc [M, C, 512], bc [M, C]
-    alpha_on: torch.Tensor  # M bool
-    beta_on: torch.Tensor  # M bool
-    features: torch.Tensor  # N, F, K, 512 raw pooled features, the chunk's factor slots only
-    group: torch.Tensor  # M: which fold standardisation each model uses
-    shift: torch.Tensor  # G, 512: the standardisation of each group (its fold's training clips)
-    scale: torch.Tensor  # G, 512
-    standardised: torch.Tensor | None  # G*N, F, K, 512 when it fits (STANDARDISED_BYTES), else None
+    rows: torch.Tensor  # N*F*K + G, 512: x - mean, then the offsets
+    groups: dict[bytes, int]  # training rows -> their standardisation
+    scale: torch.Tensor  # G, 512: each training set's channel standard deviations, as run_loso computes them
+    shape: tuple[int, int, int]  # N, F, K
 
-    def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows M, L (clip numbers) -> standardised features M, L, F, K, 512, each model with its fold's statistics."""
-        if self.standardised is not None:
-            return self.standardised[self.group[:, None] * len(self.features) + rows]
-        shift, scale = self.shift[self.group][:, None, None, None], self.scale[self.group][:, None, None, None]
-        return (self.features[rows].float() - shift) / scale
 
-    def logits(self, x: torch.Tensor):
-        """x M, B, F, K, 512 (standardised) -> logits M, B, C, alpha M, B, F, K, beta M, B, F."""
-        p = self.params
-        a = torch.sigmoid(torch.einsum("mbfkc,mc->mbfk", x, p["Wa"]) + p["ba"][:, None, None, None])
-        a = torch.where(self.alpha_on[:, None, None, None], a, torch.ones_like(a))
-        v_frame = torch.matmul(a.unsqueeze(-2), x).squeeze(-2) / a.sum(3)[..., None]  # M, B, F, 512
-        b = torch.sigmoid(torch.einsum("mbfc,mc->mbf", v_frame, p["Wb"]) + p["bb"][:, None, None])
-        b = torch.where(self.beta_on[:, None, None], b, torch.ones_like(b))
-        v = torch.einsum("mbf,mbfc->mbc", b, v_frame) / b.sum(2)[..., None]  # M, B, 512
-        return torch.einsum("mbc,mkc->mbk", v, p["Wc"]) + p["bc"][:, None], a, b
+def _source(tensor: torch.Tensor, fits: list[np.ndarray], device) -> _Source:
+    """The centred features and the standardisation of every distinct training set (over every factor slot, as
+    run_loso computes it)."""
+    x = tensor.to(device, torch.float32)  # N, F, K, 512
+    groups, shift, scale = {}, [], []
+    for fit in fits:
+        if fit.tobytes() not in groups:
+            groups[fit.tobytes()] = len(groups)
+            flat = x[torch.as_tensor(fit, device=device)].flatten(0, 2)  # n*F*K, 512
+            shift.append(flat.mean(0))
+            scale.append(flat.std(0).clamp(min=1e-6))
+    mean = x.flatten(0, 2).mean(0)  # 512: near every training set's mean, so the offsets are small
+    rows = torch.cat([(x - mean).view(-1, x.shape[-1]), torch.stack(shift) - mean])
+    return _Source(rows, groups, torch.stack(scale), tuple(x.shape[:3]))
+
+
+@dataclass
+class _Program:
+    """M stacked heads. The weights only ever meet the features as projections w.x per (clip, frame, slot): one
+    matmul over feature rows gathered chunk by chunk (a chunk stays in cache), after which the heads work on
+    J = 2 + C numbers per row instead of 512. Each model's standardisation is folded into its weights:
+    w.(x - mean - offset) / scale = (w / scale).(x - mean) - (w / scale).offset, the offset being one more row
+    each model gathers and the last term joining the bias."""
+
+    theta: torch.Tensor  # M*J*512 + M*J: weights of alpha, beta and the C classes, then their biases
+    n_out: int  # J
+    alpha_on: torch.Tensor  # M, 1, 1, 1 bool
+    beta_on: torch.Tensor  # M, 1, 1 bool
+    base: torch.Tensor  # M, 1, F, K': each model's source rows of clip 0 over its K' factor slots
+    offset_row: torch.Tensor  # M: the source row of each model's offset
+    scale: torch.Tensor  # M, 1, 512
+    source: _Source
+    chunk_elements: int
+    buffer: torch.Tensor | None = None
+
+    @property
+    def weights(self) -> torch.Tensor:  # M, J, 512 (a view of theta)
+        return _split(self.theta, self.n_out)[0]
+
+    @property
+    def bias(self) -> torch.Tensor:  # M, J (a view of theta)
+        return _split(self.theta, self.n_out)[1]
+
+    def rows(self, clips: torch.Tensor) -> torch.Tensor:
+        """clips ..., M, L (clip numbers) -> source rows ..., M, L*F*K' + 1: the clips' frames and slots, then the
+        model's offset."""
+        _, frames, k = self.source.shape
+        rows = (self.base + clips[..., None, None] * (frames * k)).flatten(-3)
+        return torch.cat([rows, self.offset_row.expand(rows.shape[:-1])[..., None]], -1)
+
+    def forward(self, rows: torch.Tensor):
+        """rows M, R + 1 -> logits M, L, C and what _backward needs."""
+        weights = self.weights / self.scale  # M, J, 512: on centred features
+        out = self.project(rows, weights)  # M, J, R + 1
+        P = out[..., :-1].view(*out.shape[:2], -1, *self.base.shape[2:])  # M, J, L, F, K'
+        return _forward(P, self.bias - out[..., -1], self.alpha_on, self.beta_on)
+
+    def attend(self, rows: torch.Tensor):
+        """rows M, R + 1 -> logits M, L, C, alpha M, L, F, K', beta M, L, F, as AMAN.attend gives them."""
+        logits, saved = self.forward(rows)
+        return logits, saved[1], saved[4]
+
+    def project(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Source rows M, R and weights M, J, 512 -> the projections w.x of every row on every weight, M, J, R."""
+        out = weights.new_empty(*weights.shape[:2], rows.shape[1])
+        for s, e, x in self._chunks(rows):
+            torch.bmm(weights[s:e], x.transpose(1, 2), out=out[s:e])
+        return out
+
+    def gradient(self, rows: torch.Tensor, d_out: torch.Tensor, d_bias: torch.Tensor, grad: torch.Tensor) -> None:
+        """theta's gradient into grad (like theta) from the gradients of the projections d_out M, J, R + 1 (its last
+        column, the offsets', is filled here) and of the folded biases d_bias M, J: sum over rows of x times
+        dloss/dprojection, unfolded."""
+        grad_w, grad_b = _split(grad, self.n_out)
+        torch.neg(d_bias, out=d_out[..., -1])
+        for s, e, x in self._chunks(rows):
+            torch.bmm(d_out[s:e], x, out=grad_w[s:e])
+        grad_w.div_(self.scale)
+        grad_b.copy_(d_bias)
+
+    def _chunks(self, rows: torch.Tensor):
+        """(start, end, features M', R, 512) of the models' rows, CHUNK_ELEMENTS floats at a time."""
+        per_model = rows.shape[1]
+        step = max(1, self.chunk_elements // (per_model * 512))
+        for s in range(0, len(rows), step):
+            e = min(len(rows), s + step)
+            flat = rows[s:e].reshape(-1)
+            if self.buffer is None or len(self.buffer) < len(flat):
+                self.buffer = self.source.rows.new_empty(max(len(flat), step * per_model), 512)
+            x = torch.index_select(self.source.rows, 0, flat, out=self.buffer[:len(flat)])
+            yield s, e, x.view(e - s, per_model, 512)
+
+
+def _split(flat: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat parameter-shaped tensor -> its views weights M, J, 512 and biases M, J."""
+    M = len(flat) // (n_out * 513)
+    return flat[:M * n_out * 512].view(M, n_out, 512), flat[M * n_out * 512:].view(M, n_out)
+
+
+def _forward(P: torch.Tensor, bias: torch.Tensor, alpha_on: torch.Tensor, beta_on: torch.Tensor):
+    """AMAN.attend on projections: P M, J, L, F, K (w.x of alpha, beta and the C classes per frame and slot), bias
+    M, J -> logits M, L, C and what the backward needs. v_frame's projections are the alpha-weighted means of P."""
+    a = torch.where(alpha_on, torch.sigmoid(P[:, 0] + bias[:, 0, None, None, None]), 1.0)  # M, L, F, K
+    a_sum = a.sum(3)  # M, L, F
+    r = (a[:, None] * P[:, 1:]).sum(4) / a_sum[:, None]  # M, 1+C, L, F: w_beta.v_frame, W_fc.v_frame
+    b = torch.where(beta_on, torch.sigmoid(r[:, 0] + bias[:, 1, None, None]), 1.0)  # M, L, F
+    b_sum = b.sum(2)  # M, L
+    v = (b[:, None] * r[:, 1:]).sum(3) / b_sum[:, None]  # M, C, L: W_fc.v
+    return v.transpose(1, 2) + bias[:, None, 2:], (P, a, a_sum, r, b, b_sum, v)
+
+
+def _backward(g: torch.Tensor, saved, alpha_on: torch.Tensor, beta_on: torch.Tensor, out=None):
+    """_forward's gradients by hand (autograd's graph would cost more than the head): g = dloss/dlogits M, L, C ->
+    dloss/dP M, J, L, F, K (into `out` if given) and dloss/dbias M, J."""
+    P, a, a_sum, r, b, b_sum, v = saved
+    g_mean = g.transpose(1, 2) / b_sum[:, None]  # M, C, L
+    d_b = ((r[:, 1:] - v[..., None]) * g_mean[..., None]).sum(1)  # M, L, F
+    d_beta_in = torch.where(beta_on, d_b * b * (1 - b), 0.0)  # M, L, F
+    d_r = torch.cat([d_beta_in[:, None], b[:, None] * g_mean[..., None]], 1) / a_sum[:, None]  # M, 1+C, L, F
+    d_a = ((P[:, 1:] - r[..., None]) * d_r[..., None]).sum(1)  # M, L, F, K
+    d_alpha_in = torch.where(alpha_on, d_a * a * (1 - a), 0.0)  # M, L, F, K
+    d_P = torch.cat([d_alpha_in[:, None], a[:, None] * d_r[..., None]], 1, out=out)  # M, J, L, F, K
+    d_bias = torch.cat([d_alpha_in.sum((1, 2, 3))[:, None], d_beta_in.sum((1, 2))[:, None], g.sum(1)], 1)  # M, J
+    return d_P, d_bias
 
 
 def _padded(rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Row lists of different lengths -> index M, L (padded with row 0) and mask M, L."""
     width = max(1, max(len(r) for r in rows))
-    index = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    index = np.zeros((len(rows), width), np.int64)
     for m, r in enumerate(rows):
-        index[m, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[m, :len(r)] = True
-    return index.to(device), mask.to(device)
+        index[m, :len(r)] = r
+    mask = np.arange(width)[None] < np.array([len(r) for r in rows])[:, None]
+    return torch.from_numpy(index).to(device), torch.from_numpy(mask).to(device)
 
 
-def _build(tensor, index, folds, cfgs, num_classes, device):
-    """Per model (job-major, then fold): rows, initial head, attention switches and standardisation, as run_loso
-    has them; the features of the chunk's factor slots only."""
-    models = []
-    heads, stats = {}, {}
-    for cfg in cfgs:
-        for i, (_, test_rows, train_rows) in enumerate(folds):
-            seed = cfg.seed * 100_003 + i
-            val = _inner_val_subject(index, train_rows, seed) if cfg.epoch_selection == "inner_val" \
-                else np.array([], int)
-            fit = np.setdiff1d(train_rows, val)
+def _build(source: _Source, index, folds, cfgs, num_classes, device):
+    """Per model (fold-major): rows, initial head, attention switches and standardisation, as run_loso has them."""
+    splits = [_splits(index, folds, cfg) for cfg in cfgs]
+    models, heads = [], {}
+    for i, (_, test_rows, _) in enumerate(folds):
+        for cfg, split in zip(cfgs, splits):
+            seed = _fold_seed(cfg, i)
             if seed not in heads:  # the head run_loso draws for this fold's seed
                 torch.manual_seed(seed)
                 heads[seed] = AMAN(num_classes, layer4=False).state_dict()
-            stat_key = fit.tobytes()  # the standardisation depends on the fold's training clips only
-            if stat_key not in stats:
-                x = tensor[torch.as_tensor(fit)].to(device, torch.float32).flatten(0, 2)  # n*F*K, 512
-                stats[stat_key] = (len(stats), x.mean(0), x.std(0).clamp(min=1e-6))
+            val, fit = split[i]
             models.append({"cfg": cfg, "seed": seed, "test": test_rows, "fit": fit, "val": val, "head": heads[seed],
-                           "group": stats[stat_key][0]})
-    tensor = tensor[:, :, _slots(cfgs[0], tensor.shape[2])].contiguous()  # the statistics above cover every slot
-    stack = lambda name: torch.stack([d["head"][name] for d in models]).to(device)  # noqa: E731
-    params = {"Wa": stack("alpha.0.weight")[:, 0], "ba": stack("alpha.0.bias")[:, 0],
-              "Wb": stack("beta.0.weight")[:, 0], "bb": stack("beta.0.bias")[:, 0],
-              "Wc": stack("pred_fc.weight"), "bc": stack("pred_fc.bias")}
-    for p in params.values():
-        p.requires_grad_(True)
-    shift = torch.stack([s[1] for s in stats.values()])  # G, 512
-    scale = torch.stack([s[2] for s in stats.values()])
-    standardised = None
-    if len(stats) * tensor[0].numel() * len(tensor) * 4 <= STANDARDISED_BYTES:
-        standardised = ((tensor[None].float() - shift[:, None, None, None]) / scale[:, None, None, None]).flatten(0, 1)
-    net = _Models(params, torch.tensor([d["cfg"].use_alpha for d in models], device=device),
-                  torch.tensor([d["cfg"].use_beta for d in models], device=device), tensor,
-                  torch.tensor([d["group"] for d in models], device=device), shift, scale, standardised)
-    return models, net
+                           "group": source.groups[fit.tobytes()]})
+    names = ("alpha.0", "beta.0", "pred_fc")
+    weights = torch.stack([torch.cat([d["head"][f"{n}.weight"] for n in names]) for d in models])  # M, J, 512
+    biases = torch.stack([torch.cat([d["head"][f"{n}.bias"] for n in names]) for d in models])  # M, J
+    n_frames, n_factors = source.shape[1:]
+    slots = torch.tensor([_slots(d["cfg"], n_factors) for d in models])  # M, K'
+    base = torch.arange(n_frames)[None, :, None] * n_factors + slots[:, None]  # M, F, K'
+    group = torch.tensor([d["group"] for d in models], device=device)
+    on = lambda name: torch.tensor([getattr(d["cfg"], name) for d in models], device=device)  # noqa: E731
+    chunk = CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    program = _Program(torch.cat([weights.flatten(), biases.flatten()]).to(device), weights.shape[1],
+                       on("use_alpha")[:, None, None, None], on("use_beta")[:, None, None], base[:, None].to(device),
+                       int(np.prod(source.shape)) + group, source.scale[group][:, None], source, chunk)
+    return models, program
 
 
-@torch.no_grad()
-def _rmsprop_step(params: dict, square: dict, active: torch.Tensor, lr: float, cfg: TrainConfig) -> None:
-    """torch.optim.RMSprop's update (weight decay, no momentum), applied only to the models with a batch."""
-    for name, p in params.items():
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        on = active.view(shape)
-        g = p.grad.add(p, alpha=cfg.weight_decay)
-        sq = square[name].mul(RMS_ALPHA).addcmul_(g, g, value=1 - RMS_ALPHA)
-        updated = p.addcdiv(g, sq.sqrt().add_(cfg.eps), value=-lr)
-        square[name] = torch.where(on, sq, square[name])
-        p.copy_(torch.where(on, updated, p))
-        p.grad = None
+def _rmsprop(theta: torch.Tensor, grad: torch.Tensor, square: torch.Tensor, lr: float, cfg: TrainConfig,
+             on: torch.Tensor | None) -> None:
+    """torch.optim.RMSprop's update (weight decay, no momentum) of flat parameters; where `on` (like theta,
+    bool; None: everywhere) is False, parameters and state stay. `grad` is used up."""
+    if cfg.weight_decay != 0:
+        grad.add_(theta, alpha=cfg.weight_decay)
+    if on is None:
+        square.mul_(RMS_ALPHA).addcmul_(grad, grad, value=1 - RMS_ALPHA)
+        theta.addcdiv_(grad, square.sqrt().add_(cfg.eps), value=-lr)
+        return
+    updated = square.mul(RMS_ALPHA).addcmul_(grad, grad, value=1 - RMS_ALPHA)
+    stepped = theta.addcdiv(grad, updated.sqrt().add_(cfg.eps), value=-lr)
+    square.copy_(torch.where(on, updated, square))
+    theta.copy_(torch.where(on, stepped, theta))
 
 
-def _train_models(tensor, labels, index, folds, cfgs, num_classes, device, bar) -> list[list]:
+def _shuffled(models, generators, steps: int, batch: int, device) -> torch.Tensor:
+    """One epoch's batches of every model, drawn as train_epoch draws them -> clip numbers steps, M, batch
+    (clip 0 past a model's end)."""
+    order = np.zeros((len(models), steps * batch), np.int64)
+    for m, (d, g) in enumerate(zip(models, generators)):
+        order[m, :len(d["fit"])] = d["fit"][torch.randperm(len(d["fit"]), generator=g).numpy()]
+    return torch.from_numpy(order.reshape(len(models), steps, batch).transpose(1, 0, 2).copy()).to(device)
+
+
+def _program_task(cfgs, source: _Source, labels, index, folds, num_classes) -> list[list]:
+    """One program wherever it runs: its configs -> per config its folds' results."""
+    device = resolve_device(cfgs[0].device)
+    source = dataclasses.replace(source, rows=source.rows.to(device), scale=source.scale.to(device))
+    return _train_models(source, labels, index, folds, cfgs, num_classes, device)
+
+
+def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, device) -> list[list]:
     """Train the folds of every config at once; per config the fold results run_loso's train_fold returns."""
-    cfg0 = cfgs[0]
-    if any(dataclasses.replace(c, seed=0, use_alpha=True, use_beta=True)
-           != dataclasses.replace(cfg0, seed=0, use_alpha=True, use_beta=True) for c in cfgs):
-        raise ValueError("run_sweep: the configs of one batch may differ only in seed and attention")
-    models, net = _build(tensor, index, folds, cfgs, num_classes, device)
-    M, B = len(models), cfg0.batch_size
-    y_all = labels.to(device)
-    gens = [torch.Generator().manual_seed(d["seed"]) for d in models]
+    cfg0, n_factors = cfgs[0], source.shape[2]
+    alike = lambda c: dataclasses.replace(c, seed=0, use_alpha=True, use_beta=True, factor_slots=None)  # noqa: E731
+    if any(alike(c) != alike(cfg0) for c in cfgs) or len({len(_slots(c, n_factors)) for c in cfgs}) > 1:
+        raise ValueError("run_sweep: the configs of one batch may differ only in seed, attention and factor slots "
+                         "(as many slots each)")
+    models, program = _build(source, index, folds, cfgs, num_classes, device)
+    with torch.inference_mode():  # gradients are by hand: no autograd
+        log = _train(program, models, labels.to(device), cfg0, num_classes, device)
+    return _fold_results(models, cfgs, folds, labels, log)
+
+
+def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int, device) -> dict:
+    """Every epoch of every model: shuffled batches, RMSprop + StepLR, then predictions on the test (and inner
+    validation) rows. -> per epoch predictions, attention and history."""
+    B = cfg.batch_size
+    n_fit = np.array([len(d["fit"]) for d in models])
+    steps = -(-n_fit // B)  # M: batches per epoch of each model
+    mask = torch.from_numpy(np.arange(steps.max() * B).reshape(-1, 1, B) < n_fit[:, None]).to(device)  # S, M, B
+    generators = [torch.Generator().manual_seed(d["seed"]) for d in models]
     test_idx, test_mask = _padded([d["test"] for d in models], device)
     val_idx, val_mask = _padded([d["val"] for d in models], device)
-    has_val = bool(val_mask.any())
-    square = {n: torch.zeros_like(p) for n, p in net.params.items()}
-    lr = cfg0.lr
-    n_fit = torch.tensor([len(d["fit"]) for d in models], device=device)
+    state, has_val = _State(program, mask, int(steps.min())), bool(val_mask.any())
+    lr = cfg.lr
     log = {"pred": [], "alpha": [], "beta": [], "val_pred": [], "history": []}
-    for epoch in range(cfg0.epochs):
-        orders = [torch.from_numpy(d["fit"])[torch.randperm(len(d["fit"]), generator=g)] for d, g in zip(models, gens)]
-        steps = max(-(-len(o) // B) for o in orders)
-        loss_sum = torch.zeros(M, dtype=torch.float64, device=device)
-        correct = torch.zeros(M, dtype=torch.long, device=device)
-        for step in range(steps):
-            idx, mask = _padded([o[step * B:(step + 1) * B].numpy() for o in orders], device)
-            active = mask.any(1)
-            logits = net.logits(net.batch(idx))[0]  # M, B, C
-            y = y_all[idx]
-            per_clip = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, -1) * mask
-            count = mask.sum(1).clamp(min=1)
-            loss = per_clip.sum(1) / count
-            loss[active].sum().backward()
-            _rmsprop_step(net.params, square, active, lr, cfg0)
-            loss_sum += loss.detach().double() * mask.sum(1)
-            correct += ((logits.detach().argmax(2) == y) & mask).sum(1)
-        record_lr = lr
-        if (epoch + 1) % cfg0.step_size == 0:
-            lr = lr * cfg0.gamma  # StepLR(step_size, gamma), stepped once per epoch
-        with torch.no_grad():
-            logits, alpha, beta = net.logits(net.batch(test_idx))
-            pred = logits.argmax(2)
-            log["pred"].append(pred.cpu())
-            log["alpha"].append(alpha.cpu())
-            log["beta"].append(beta.cpu())
-            test_acc = ((pred == y_all[test_idx]) & test_mask).sum(1).double() / test_mask.sum(1)
-            if has_val:
-                log["val_pred"].append(net.logits(net.batch(val_idx))[0].argmax(2).cpu())
-        log["history"].append({"lr": record_lr, "train_loss": (loss_sum / n_fit).cpu(),
-                               "train_acc": (correct / n_fit).cpu(), "test_acc": test_acc.cpu()})
-    bar.update(M)
-    return _fold_results(models, cfgs, folds, labels, log)
+    for epoch in range(cfg.epochs):
+        order = _shuffled(models, generators, len(mask), B, device)  # S, M, B
+        loss_sum, correct = state.epoch(order, labels, num_classes, lr, cfg)
+        log["history"].append({"lr": lr, "train_loss": loss_sum.cpu(), "train_acc": correct.cpu()})
+        if (epoch + 1) % cfg.step_size == 0:
+            lr = lr * cfg.gamma  # StepLR(step_size, gamma), stepped once per epoch
+        logits, alpha, beta = program.attend(program.rows(test_idx))
+        pred = logits.argmax(2)
+        log["pred"].append(pred.cpu())
+        log["alpha"].append(alpha.cpu())
+        log["beta"].append(beta.cpu())
+        log["history"][-1]["test_acc"] = (((pred == labels[test_idx]) & test_mask).sum(1).double()
+                                          / test_mask.sum(1)).cpu()
+        if has_val:
+            log["val_pred"].append(program.attend(program.rows(val_idx))[0].argmax(2).cpu())
+    return log
+
+
+class _State:
+    """The optimiser's state over a program's models and one epoch's training steps."""
+
+    def __init__(self, program: _Program, mask: torch.Tensor, all_active: int):
+        self.program, self.mask, self.all_active = program, mask, all_active  # mask S, M, B
+        self.weight = mask / mask.sum(2, keepdim=True).clamp(min=1)  # S, M, B: a batch's loss is its mean
+        self.square = torch.zeros_like(program.theta)
+        self.grad = torch.empty_like(program.theta)
+        self.losses = torch.zeros(mask.shape[:2], device=mask.device)  # S, M
+        self.correct = torch.zeros(mask.shape[:2], dtype=torch.long, device=mask.device)
+
+    def epoch(self, order: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, cfg: TrainConfig):
+        """Train on batches order S, M, B (clip numbers) -> per model the summed loss (float64) and hits."""
+        y = labels[order]  # S, M, B
+        onehot = F.one_hot(y, num_classes).to(self.program.theta.dtype)  # S, M, B, C
+        for step in range(len(order)):
+            logits = self.step(self.program.rows(order[step]), onehot[step], self.weight[step], lr, cfg,
+                               None if step < self.all_active else self._on(self.mask[step].any(1)), self.losses[step])
+            torch.sum((logits.argmax(2) == y[step]) & self.mask[step], 1, out=self.correct[step])
+        return (self.losses.double() * self.mask.sum(2)).sum(0), self.correct.sum(0)
+
+    def step(self, rows, onehot, weight, lr: float, cfg: TrainConfig, on, loss_out) -> torch.Tensor:
+        """One RMSprop step of every model on source rows M, B*F*K' + 1 (labels onehot M, B, C; weight M, B:
+        1 / batch size, 0 past a model's end) -> the logits M, B, C; the batch losses M go to loss_out."""
+        program = self.program
+        logits, saved = program.forward(rows)
+        log_p = torch.log_softmax(logits, 2)  # M, B, C
+        torch.sum((log_p * onehot).sum(2).neg_().mul_(weight), 1, out=loss_out)
+        d_out = saved[0].new_empty(*saved[0].shape[:2], rows.shape[1])  # M, J, R + 1
+        _, d_bias = _backward((log_p.exp_() - onehot) * weight[..., None], saved, program.alpha_on, program.beta_on,
+                              out=d_out[..., :-1].view(saved[0].shape))
+        program.gradient(rows, d_out, d_bias, self.grad)
+        _rmsprop(program.theta, self.grad, self.square, lr, cfg, on)
+        return logits
+
+    def _on(self, active: torch.Tensor) -> torch.Tensor:
+        """Which models have a batch, M bool -> which parameters update, like theta."""
+        J = self.program.n_out
+        return torch.cat([active.repeat_interleave(J * 512), active.repeat_interleave(J)])
 
 
 def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
     """Per config, its folds' results in train_fold's format, with the epoch chosen by its rule."""
-    out, n_folds = [], len(folds)
-    for j, cfg in enumerate(cfgs):
-        fold_results = []
-        for i in range(n_folds):
-            m = j * n_folds + i
-            d = models[m]
-            n_test, n_val = len(d["test"]), len(d["val"])
-            history = []
-            for e, h in enumerate(log["history"]):
-                row = {"epoch": e, "lr": h["lr"], "train_loss": float(h["train_loss"][m]),
-                       "train_acc": float(h["train_acc"][m]), "test_acc": float(h["test_acc"][m])}
-                if n_val:
-                    row["val_uf1"] = uf1(labels[d["val"]].numpy(), log["val_pred"][e][m, :n_val].numpy())
-                history.append(row)
-            chosen, best_test, kept = choose_epoch(history, cfg.epoch_selection)
-            history = history[:kept]  # the paper rule's fold ends at its first 100% epoch
-            preds = [log["pred"][e][m, :n_test].numpy() for e in range(kept)]
-            alpha = log["alpha"][chosen][m, :n_test].numpy()  # ones where alpha is off
-            fold_results.append((folds[i][0], {
-                "rows": d["test"], "pred": preds[chosen], "alpha": alpha,
-                "beta": log["beta"][chosen][m, :n_test].numpy(), "epoch": chosen, "pred_last": preds[-1],
-                "pred_best_test": preds[best_test], "history": history, "val_subject_rows": d["val"]}))
-        out.append(fold_results)
+    n_jobs = len(cfgs)
+    history = {k: torch.stack([h[k] for h in log["history"]]).double().numpy()
+               for k in ("train_loss", "train_acc", "test_acc")}  # E, M
+    pred = torch.stack(log["pred"]).numpy()  # E, M, T
+    val_pred = torch.stack(log["val_pred"]).numpy() if log["val_pred"] else None  # E, M, V
+    memo: dict = {}
+    out = [[] for _ in cfgs]
+    for m, d in enumerate(models):
+        i, j = divmod(m, n_jobs)
+        n_test, n_val, n_fit = len(d["test"]), len(d["val"]), len(d["fit"])
+        rows = []
+        for e, h in enumerate(log["history"]):
+            row = {"epoch": e, "lr": h["lr"], "train_loss": float(history["train_loss"][e, m] / n_fit),
+                   "train_acc": float(history["train_acc"][e, m] / n_fit), "test_acc": float(history["test_acc"][e, m])}
+            if n_val:
+                row["val_uf1"] = _uf1(labels[d["val"]].numpy(), val_pred[e, m, :n_val], memo)
+            rows.append(row)
+        chosen, best_test, kept = choose_epoch(rows, cfgs[j].epoch_selection)
+        rows = rows[:kept]  # the paper rule's fold ends at its first 100% epoch
+        out[j].append((folds[i][0], {
+            "rows": d["test"], "pred": pred[chosen, m, :n_test], "alpha": log["alpha"][chosen][m, :n_test].numpy(),
+            "beta": log["beta"][chosen][m, :n_test].numpy(), "epoch": chosen, "pred_last": pred[kept - 1, m, :n_test],
+            "pred_best_test": pred[best_test, m, :n_test], "history": rows, "val_subject_rows": d["val"]}))
     return out
+
+
+def _uf1(gt: np.ndarray, pred: np.ndarray, memo: dict) -> float:
+    """metrics.uf1, once per distinct (labels, predictions): epochs and models often predict alike."""
+    key = (gt.tobytes(), pred.tobytes())
+    if key not in memo:
+        memo[key] = uf1(gt, pred)
+    return memo[key]

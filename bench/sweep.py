@@ -4,11 +4,16 @@ Pooled features [N, F, K, 512] with a class signal, the synthetic default's shap
 4 frames, 10 factor slots), the paper's 13 ablation variants and 5 seeds, 50 epochs. Both engines run in
 this process on the same inputs; the predictions are compared and the ratio of seconds is printed. The loop
 can be limited to the first --loop-runs (variant, seed) pairs (its time is then scaled to all pairs, said
-so in the output). Writes results/bench/sweep.csv.
+so in the output). Also counts the matrix-product FLOPs of one sweep with torch.utils.flop_counter
+(FlopCounterMode over a one-epoch sweep, every step and the epoch's predictions, times the epochs; element-wise
+work is not counted) and prints the load average, as timings on a shared machine depend on it. Writes
+results/bench/sweep.csv.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import platform
 import tempfile
 import time
@@ -17,9 +22,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from amanlib.sweep import run_sweep
 from amanlib.train import TrainConfig, ablation_variants, run_loso
+
+
+def sweep_flops(x, index, cfg, variants, seeds, factors) -> int:
+    """Matrix-product FLOPs of one sweep: counted over one epoch (every epoch does the same work) times the epochs."""
+    with tempfile.TemporaryDirectory() as tmp, FlopCounterMode(display=False) as counter:
+        run_sweep(x, index, dataclasses.replace(cfg, epochs=1), variants, seeds, tmp, factors, progress=False)
+    return counter.get_total_flops() * cfg.epochs
 
 
 def main(argv=None):
@@ -43,6 +56,7 @@ def main(argv=None):
     variants = ablation_variants(factors)
     seeds = list(range(args.seeds))
     pairs = [(v, s) for v in variants for s in seeds]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         swept = run_sweep(x, index, cfg, variants, seeds, Path(tmp) / "sweep", factors, progress=False)
@@ -56,6 +70,8 @@ def main(argv=None):
             alone = run_loso(x, index, vcfg, Path(tmp) / "loop", progress=False)
             same += np.array_equal(alone.predictions["pred"].to_numpy(), swept.runs[(v.name, s)].predictions["pred"])
         loop_s = (time.perf_counter() - start) * len(pairs) / len(looped)
+    load_after = os.getloadavg()
+    flops = sweep_flops(x, index, cfg, variants, seeds, factors)
     table = pd.DataFrame([{"method": "loop of run_loso" + ("" if len(looped) == len(pairs) else
                                                            f" ({len(looped)} of {len(pairs)} runs timed, scaled)"),
                            "seconds": loop_s},
@@ -63,11 +79,15 @@ def main(argv=None):
     table["speedup"] = loop_s / table["seconds"]
     table["models"] = len(pairs) * args.subjects
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    table.assign(matmul_flops=[None, flops]).to_csv(args.out, index=False)  # counted for the sweep only
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; {args.subjects} folds x {len(variants)} variants x {len(seeds)} seeds, {args.epochs} epochs")
     print(table.round(2).to_string(index=False))
     print(f"predictions identical for {same} of {len(looped)} (variant, seed) runs compared")
+    print(f"FLOPs of one sweep: {flops / 1e12:.3f} TFLOP in matrix products (FlopCounterMode over one epoch x "
+          f"{args.epochs}; element-wise work not counted), {flops / sweep_s / 1e9:.1f} GFLOP/s in run_sweep")
+    print(f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, after "
+          f"{tuple(round(v, 2) for v in load_after)} on {os.cpu_count()} CPUs")
     print(f"wrote {args.out}")
 
 

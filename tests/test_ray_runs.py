@@ -48,3 +48,18 @@ def test_ray_features_equal_local_features(tmp_path, ray_session, one_thread):
     ray = build_feature_cache(*args, tmp_path / "ray", device="cpu", progress=False, executor=ray_session)
     assert ray.key == local.key  # the executor is no part of the features' identity
     assert (ray.path / "features.f16").read_bytes() == (local.path / "features.f16").read_bytes()
+
+
+def test_ray_sweep_equals_local_sweep(tmp_path, ray_session, one_thread):
+    from amanlib.sweep import run_sweep
+    from amanlib.train import ablation_variants
+
+    index = toy_index(n_subjects=3, per_subject=4)
+    x = toy_pooled(index, F=2, K=3, signal=0.5)
+    factors = [1.0, 2.0, 4.0]
+    cfg = TrainConfig(epochs=3, step_size=2, device="cpu")
+    variants = ablation_variants(factors)
+    local = run_sweep(x, index, cfg, variants, [0, 1], tmp_path / "local", factors, progress=False)
+    ray = run_sweep(x, index, cfg, variants, [0, 1], tmp_path / "ray", factors, progress=False, executor=ray_session)
+    pd.testing.assert_frame_equal(ray.predictions, local.predictions)
+    pd.testing.assert_frame_equal(ray.scores, local.scores)

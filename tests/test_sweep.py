@@ -8,6 +8,7 @@ import torch
 
 import amanlib.sweep as sweep
 from amanlib.sweep import run_sweep
+from amanlib.model import AMAN
 from amanlib.train import TrainConfig, Variant, run_loso
 from conftest import count_calls
 
@@ -60,7 +61,7 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
     index, x = uneven_index(), pooled(uneven_index())
     cfg = TrainConfig(epochs=2, device="cpu")
     full = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "a", factors=[1, 2, 4], progress=False)
-    monkeypatch.setattr(sweep, "CHUNK_ELEMENTS", 1)  # one (variant, seed) job per batched program
+    monkeypatch.setattr(sweep, "PROGRAM_MODELS", 1)  # one (variant, seed) job per batched program
     count_calls(monkeypatch, sweep, "_train_models", sweep._train_models, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4], progress=False)
@@ -76,13 +77,80 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
         run_sweep(x, index, cfg, VARIANTS, seeds=[], runs_dir=tmp_path / "c", factors=[1, 2, 4], progress=False)
 
 
-def test_per_batch_standardisation_equals_the_precomputed_one(tmp_path, monkeypatch):
+def test_sweep_equals_run_loso_on_features_far_from_zero(tmp_path):
+    """Pooled ReLU features sit far from zero (channel means up to ~20 standard deviations): folding each fold's
+    standardisation into the weights must not cost precision there."""
+    index = uneven_index()
+    g = torch.Generator().manual_seed(5)
+    x = pooled(index) * torch.rand(512, generator=g) * 0.1 + torch.rand(512, generator=g) * 2
+    cfg = TrainConfig(epochs=6, step_size=3, device="cpu")
+    result = run_sweep(x, index, cfg, VARIANTS[:1], seeds=[0], runs_dir=tmp_path / "sweep", factors=[1, 2, 4],
+                       progress=False)
+    vcfg = dataclasses.replace(cfg, factor_slots=VARIANTS[0].factor_slots)
+    alone = run_loso(x, index, vcfg, tmp_path / "loso", progress=False)
+    batched = result.runs[(VARIANTS[0].name, 0)]
+    pd.testing.assert_frame_equal(batched.predictions.drop(columns=["alpha", "beta"]).reset_index(drop=True),
+                                  alone.predictions.drop(columns=["alpha", "beta"]).reset_index(drop=True))
+    np.testing.assert_allclose(np.stack(batched.predictions.alpha), np.stack(alone.predictions.alpha), atol=1e-4)
+    pd.testing.assert_frame_equal(batched.history, alone.history, atol=1e-4, check_exact=False)
+
+
+def test_gathering_one_model_at_a_time_changes_nothing(tmp_path, monkeypatch):
     index, x = uneven_index(), pooled(uneven_index())
     cfg = TrainConfig(epochs=2, device="cpu")
-    kept = run_sweep(x, index, cfg, VARIANTS[:2], seeds=[0], runs_dir=tmp_path / "a", factors=[1, 2, 4],
-                     progress=False)
-    monkeypatch.setattr(sweep, "STANDARDISED_BYTES", 0)  # features too large to standardise once per fold
-    per_batch = run_sweep(x, index, cfg, VARIANTS[:2], seeds=[0], runs_dir=tmp_path / "b", factors=[1, 2, 4],
-                          progress=False)
-    pd.testing.assert_frame_equal(kept.predictions.drop(columns=["alpha", "beta"]),
-                                  per_batch.predictions.drop(columns=["alpha", "beta"]))
+    together = run_sweep(x, index, cfg, VARIANTS, seeds=[0], runs_dir=tmp_path / "a", factors=[1, 2, 4],
+                         progress=False)
+    monkeypatch.setattr(sweep, "CHUNK_ELEMENTS", 1)  # every matmul chunk holds one model's rows
+    apart = run_sweep(x, index, cfg, VARIANTS, seeds=[0], runs_dir=tmp_path / "b", factors=[1, 2, 4], progress=False)
+    pd.testing.assert_frame_equal(together.predictions.drop(columns=["alpha", "beta"]),
+                                  apart.predictions.drop(columns=["alpha", "beta"]))
+    pd.testing.assert_frame_equal(together.history, apart.history, atol=1e-6, check_exact=False)
+
+
+def heads(n_models, num_classes=3, seed=0):
+    """AMAN heads drawn as run_loso draws them, and their parameters stacked as the sweep holds them."""
+    torch.manual_seed(seed)
+    nets = [AMAN(num_classes, layer4=False) for _ in range(n_models)]
+    names = ("alpha.0", "beta.0", "pred_fc")
+    weights = torch.stack([torch.cat([n.state_dict()[f"{k}.weight"] for k in names]) for n in nets])  # M, J, 512
+    biases = torch.stack([torch.cat([n.state_dict()[f"{k}.bias"] for k in names]) for n in nets])  # M, J
+    return nets, weights, biases
+
+
+SWITCHES = [(True, True), (True, False), (False, True), (False, False)]  # (alpha, beta) per model
+
+
+def test_attention_on_projections_equals_aman_attend():
+    nets, weights, biases = heads(len(SWITCHES))
+    x = torch.randn(len(SWITCHES), 5, 3, 4, 512, generator=torch.Generator().manual_seed(1))  # M, L, F, K, 512
+    P = torch.einsum("mlfkc,mjc->mjlfk", x, weights)
+    alpha_on = torch.tensor([a for a, _ in SWITCHES])[:, None, None, None]
+    beta_on = torch.tensor([b for _, b in SWITCHES])[:, None, None]
+    logits, saved = sweep._forward(P, biases, alpha_on, beta_on)
+    for m, (net, (use_alpha, use_beta)) in enumerate(zip(nets, SWITCHES)):
+        net.use_alpha, net.use_beta = use_alpha, use_beta
+        with torch.no_grad():
+            want, alpha, beta = net.attend(x[m])
+        torch.testing.assert_close(logits[m], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(saved[1][m], alpha, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(saved[4][m], beta, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_factors", [1, 4])
+def test_hand_written_backward_equals_autograd(n_factors):
+    g = torch.Generator().manual_seed(2)
+    M, L, C = len(SWITCHES), 5, 3
+    P = torch.randn(M, 2 + C, L, 3, n_factors, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(M, 2 + C, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha_on = torch.tensor([a for a, _ in SWITCHES])[:, None, None, None]
+    beta_on = torch.tensor([b for _, b in SWITCHES])[:, None, None]
+    y = torch.randint(0, C, (M, L), generator=g)
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64).expand(M, L) / 3  # a short last batch
+    logits, saved = sweep._forward(P, bias, alpha_on, beta_on)
+    loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, L)
+            * weight).sum()
+    want_P, want_bias = torch.autograd.grad(loss, [P, bias])
+    d_logits = (torch.softmax(logits, 2) - torch.nn.functional.one_hot(y, C)) * weight[..., None]
+    got_P, got_bias = sweep._backward(d_logits.detach(), [t.detach() for t in saved], alpha_on, beta_on)
+    torch.testing.assert_close(got_P, want_P, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got_bias, want_bias, atol=1e-12, rtol=1e-10)
