@@ -226,7 +226,8 @@ class _Program:
     scale: torch.Tensor  # M, 1, 512
     source: _Source
     chunk_elements: int
-    buffer: torch.Tensor | None = None
+    buffer: torch.Tensor | None = None  # the gathered features of a chunk
+    folded: torch.Tensor | None = None  # M, J, 512: the weights on centred features
 
     @property
     def weights(self) -> torch.Tensor:  # M, J, 512 (a view of theta)
@@ -245,7 +246,9 @@ class _Program:
 
     def forward(self, rows: torch.Tensor):
         """rows M, R + 1 -> logits M, L, C and what _backward needs."""
-        weights = self.weights / self.scale  # M, J, 512: on centred features
+        if self.folded is None:  # kept: a fresh tensor of this size each step costs page faults
+            self.folded = torch.empty_like(self.weights)
+        weights = torch.div(self.weights, self.scale, out=self.folded)  # M, J, 512: on centred features
         out = self.project(rows, weights)  # M, J, R + 1
         P = out[..., :-1].view(*out.shape[:2], -1, *self.base.shape[2:])  # M, J, L, F, K'
         return _forward(P, self.bias - out[..., -1], self.alpha_on, self.beta_on)
@@ -358,14 +361,14 @@ def _build(source: _Source, index, folds, cfgs, num_classes, device):
 
 
 def _rmsprop(theta: torch.Tensor, grad: torch.Tensor, square: torch.Tensor, lr: float, cfg: TrainConfig,
-             on: torch.Tensor | None) -> None:
+             on: torch.Tensor | None, work: torch.Tensor) -> None:
     """torch.optim.RMSprop's update (weight decay, no momentum) of flat parameters; where `on` (like theta,
-    bool; None: everywhere) is False, parameters and state stay. `grad` is used up."""
+    bool; None: everywhere) is False, parameters and state stay. `grad` and `work` (like theta) are used up."""
     if cfg.weight_decay != 0:
         grad.add_(theta, alpha=cfg.weight_decay)
     if on is None:
         square.mul_(RMS_ALPHA).addcmul_(grad, grad, value=1 - RMS_ALPHA)
-        theta.addcdiv_(grad, square.sqrt().add_(cfg.eps), value=-lr)
+        theta.addcdiv_(grad, torch.sqrt(square, out=work).add_(cfg.eps), value=-lr)
         return
     updated = square.mul(RMS_ALPHA).addcmul_(grad, grad, value=1 - RMS_ALPHA)
     stepped = theta.addcdiv(grad, updated.sqrt().add_(cfg.eps), value=-lr)
@@ -440,7 +443,7 @@ class _State:
         self.program, self.mask, self.all_active = program, mask, all_active  # mask S, M, B
         self.weight = mask / mask.sum(2, keepdim=True).clamp(min=1)  # S, M, B: a batch's loss is its mean
         self.square = torch.zeros_like(program.theta)
-        self.grad = torch.empty_like(program.theta)
+        self.grad, self.work = torch.empty_like(program.theta), torch.empty_like(program.theta)
         self.losses = torch.zeros(mask.shape[:2], device=mask.device)  # S, M
         self.correct = torch.zeros(mask.shape[:2], dtype=torch.long, device=mask.device)
 
@@ -465,7 +468,7 @@ class _State:
         _, d_bias = _backward((log_p.exp_() - onehot) * weight[..., None], saved, program.alpha_on, program.beta_on,
                               out=d_out[..., :-1].view(saved[0].shape))
         program.gradient(rows, d_out, d_bias, self.grad)
-        _rmsprop(program.theta, self.grad, self.square, lr, cfg, on)
+        _rmsprop(program.theta, self.grad, self.square, lr, cfg, on, self.work)
         return logits
 
     def _on(self, active: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ def test_metrics_json_schema():
         mech = m["mechanism"]
         assert set(mech) == {"spearman_r", "ci", "p_value", "n"} and mech["n"] == m["clips"]
     assert not Path(m["run_dir"]).is_absolute()
+    assert set(m["fidelity"]) == {"name", "trunk_bn", "layer4_bn", "layer4_init"}
+    mine = m["by_fidelity"][m["fidelity"]["name"]]
+    assert mine["uf1"] == m["uf1"] and mine["run_dirs"] == m["run_dirs"]  # the preset's entry is this run
 
 
 def test_readme_table_is_the_committed_metrics(tmp_path):

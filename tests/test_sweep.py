@@ -154,3 +154,22 @@ def test_hand_written_backward_equals_autograd(n_factors):
     got_P, got_bias = sweep._backward(d_logits.detach(), [t.detach() for t in saved], alpha_on, beta_on)
     torch.testing.assert_close(got_P, want_P, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got_bias, want_bias, atol=1e-12, rtol=1e-10)
+
+
+def test_flat_rmsprop_equals_torch_and_skips_models_without_a_batch():
+    g = torch.Generator().manual_seed(3)
+    cfg = TrainConfig()
+    M, P = 3, 7
+    theta = torch.randn(M * P, generator=g)
+    refs = [torch.nn.Parameter(theta.view(M, P)[m].clone()) for m in range(M)]
+    optims = [torch.optim.RMSprop([p], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay) for p in refs]
+    square, work = torch.zeros_like(theta), torch.empty_like(theta)
+    for active in ([True, True, True], [True, False, True], [False, True, True]):
+        grads = torch.randn(M, P, generator=g)
+        on = torch.tensor(active).repeat_interleave(P)
+        sweep._rmsprop(theta, grads.flatten().clone(), square, cfg.lr, cfg, None if all(active) else on, work)
+        for m in np.flatnonzero(active):
+            refs[m].grad = grads[m].clone()
+            optims[m].step()
+        want = torch.stack([p.detach() for p in refs]).flatten()
+        torch.testing.assert_close(theta, want, rtol=1e-6, atol=1e-9)
