@@ -30,7 +30,7 @@ from .model import AMAN
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix, _inner_val_subject, _unpack,
-                    ablation_variants, check_finite, choose_epoch, clip_names, loso_folds, model_name,
+                    ablation_variants, check_finite, choose_epoch, clip_names, fold_seed, loso_folds, model_name,
                     prepare_features, run_inputs, run_loso)
 
 RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
@@ -155,16 +155,11 @@ def _slots(cfg: TrainConfig, n_factors: int) -> list[int]:
     return list(cfg.factor_slots) if cfg.factor_slots is not None else list(range(n_factors))
 
 
-def _fold_seed(cfg: TrainConfig, fold: int) -> int:
-    """The seed run_loso trains fold number `fold` with."""
-    return cfg.seed * 100_003 + fold
-
-
 def _splits(index: pd.DataFrame, folds, cfg: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per fold, (its inner validation rows, the rows it trains on), drawn as train_fold draws them."""
     out = []
     for i, (_, _, train_rows) in enumerate(folds):
-        val = _inner_val_subject(index, train_rows, _fold_seed(cfg, i)) if cfg.epoch_selection == "inner_val" \
+        val = _inner_val_subject(index, train_rows, fold_seed(cfg, i)) if cfg.epoch_selection == "inner_val" \
             else np.array([], int)
         out.append((val, np.setdiff1d(train_rows, val)))
     return out
@@ -338,7 +333,7 @@ def _build(source: _Source, index, folds, cfgs, num_classes, device):
     models, heads = [], {}
     for i, (_, test_rows, _) in enumerate(folds):
         for cfg, split in zip(cfgs, splits):
-            seed = _fold_seed(cfg, i)
+            seed = fold_seed(cfg, i)
             if seed not in heads:  # the head run_loso draws for this fold's seed
                 torch.manual_seed(seed)
                 heads[seed] = AMAN(num_classes, layer4=False).state_dict()

@@ -410,12 +410,17 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     return LOSOResult.load(entry.path)
 
 
+def fold_seed(cfg: TrainConfig, fold: int) -> int:
+    """The seed fold number `fold` trains with (its head, shuffles and inner validation subject)."""
+    return cfg.seed * 100_003 + fold
+
+
 def _fold_task(fold: tuple, cfg, tensor, labels, index, num_classes) -> dict:
     """One fold, wherever it runs: (position, test rows, training rows) -> train_fold's result."""
     i, test_rows, train_rows = fold[0], np.array(fold[1]), np.array(fold[2])  # writable copies (Ray's are not)
     device = resolve_device(cfg.device)
     return train_fold(cfg, _place(tensor, device), labels, index, test_rows, train_rows, num_classes, device,
-                      seed=cfg.seed * 100_003 + i)
+                      seed=fold_seed(cfg, i))
 
 
 def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str, ex) -> None:
