@@ -24,14 +24,17 @@ PRESETS = {"authors": Fidelity("authors", "frame_batch", "per_slice", "random"),
            "kit": Fidelity("kit", "running", "joint", "backbone")}
 
 
-def resolve_fidelity(fidelity: str, index: pd.DataFrame) -> Fidelity:
+def preset_name(fidelity: str, synthetic: bool) -> str:
     """'auto' is the authors' preset on real data and the kit's on the synthetic set, where the CPU default
     (frozen layer4) needs a pre-trained layer4 and the trunk's running statistics are the ones it learned."""
     if fidelity not in FIDELITIES:
         raise ValueError(f"fidelity must be one of {FIDELITIES}, got {fidelity!r}")
-    if fidelity == "auto":
-        fidelity = "kit" if set(index["dataset"].astype(str)) == {"synthetic"} else "authors"
-    return PRESETS[fidelity]
+    return ("kit" if synthetic else "authors") if fidelity == "auto" else fidelity
+
+
+def resolve_fidelity(fidelity: str, index: pd.DataFrame) -> Fidelity:
+    """The preset a fidelity setting names for this clip table (see preset_name)."""
+    return PRESETS[preset_name(fidelity, set(index["dataset"].astype(str)) == {"synthetic"})]
 
 
 def name_of(trunk_bn: str, layer4_bn: str, layer4_init: str) -> str:

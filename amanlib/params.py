@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .fidelity import FIDELITIES, PRESETS, preset_name
+
 logger = logging.getLogger(__name__)
 
 NOTEBOOKS = ("01_dataset_prep", "02_magnification", "03_feature_extraction", "04_training", "05_confusion_analysis")
@@ -187,7 +189,7 @@ _PARAMS = [
           choices=("fp32", "bf16", "auto")),
     Param("fidelity", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
           "the authors' BatchNorm and layer4 choices (authors), the kit's (kit), or auto: authors on real data, "
-          "kit on the synthetic set (README: Fidelity to the authors' code)", choices=("auto", "authors", "kit")),
+          "kit on the synthetic set (README: Fidelity to the authors' code)", choices=FIDELITIES),
     Param("pretrain_epochs", Kind.INT, 10, (_FEAT,), "epochs of the kit's synthetic macro-expression pre-training",
           min=1),
     Param("feature_batch_size", Kind.INT, 64, (_FEAT,), "images per batch when computing trunk features", min=1),
@@ -414,7 +416,8 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
     if effective.get("executor") == "ray" and importlib.util.find_spec("ray") is None:
         problems.append(f"executor ({where('executor')}): 'ray' needs the ray package: pip install -e '.[ray]'")
     fidelity = effective.get("fidelity")
-    if effective.get("backbone") == "random" and (fidelity == "kit" or (fidelity == "auto" and dataset == "synthetic")):
+    if effective.get("backbone") == "random" and fidelity in FIDELITIES \
+            and PRESETS[preset_name(fidelity, dataset == "synthetic")].layer4_init == "backbone":
         problems.append(f"fidelity ({where('fidelity')}): {fidelity!r} is the kit's preset here, which starts layer4 "
                         "from the trunk's checkpoint, but backbone 'random' has none; pass fidelity 'authors' (random "
                         "layer4) or another backbone")
