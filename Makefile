@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/magnify.py
 	$(PY) bench/train.py
 	$(PY) bench/sweep.py --loop-runs 4
+	$(PY) bench/pretrain.py
 	$(PY) bench/flops.py
 	$(PY) bench/memory.py
 	$(PY) bench/scaleout.py

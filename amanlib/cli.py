@@ -38,10 +38,10 @@ def _score(args) -> None:
 
 
 def _readme(args) -> None:
-    from .results import read_metrics, render_readme
-    changed = render_readme(args.readme, read_metrics(args.results))
+    from .results import read_metrics, read_timing, render_readme
+    changed = render_readme(args.readme, read_metrics(args.results), read_timing(args.results))
     state = "updated" if changed else "already up to date"
-    print(f"{args.readme}: results table {state} from {args.results}/metrics.json")
+    print(f"{args.readme}: results and timing tables {state} from {args.results}")
 
 
 def _run_notebooks(args) -> None:
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop with an error when one cell runs longer (default: no limit)")
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
     run.set_defaults(func=_run_notebooks)
-    readme = sub.add_parser("readme", help="render README's results table from results/metrics.json")
+    readme = sub.add_parser("readme", help="render README's results and timing tables from results/metrics.json "
+                                           "and results/timing.json")
     readme.add_argument("--results", default="results", help="results folder holding metrics.json")
     readme.add_argument("--readme", default="README.md", help="the README to update")
     readme.set_defaults(func=_readme)

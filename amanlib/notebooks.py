@@ -14,6 +14,7 @@ from filelock import FileLock, Timeout
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from . import params as schema
+from . import timing
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 LOCK_NAME = ".amanlib.lock"
@@ -159,6 +160,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
     (results_dir/.amanlib.lock): a second run into it fails at once. Headless, so `show_widgets` defaults
     to False. `cell_timeout` (seconds) turns a cell that never finishes into an error naming the notebook and
     cell; `echo` streams the kernels' output (progress included) to this process's stdout/stderr as it comes.
+    Seconds per notebook and stage (amanlib.timing) end the run and go to results_dir/timing.json.
     Notebooks outside amanlib.params (a notebooks folder of one's own) take the parameters their cells declare.
     """
     params = dict(params or {})
@@ -170,7 +172,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
     results_dir = Path(values.get("results_dir") or os.path.abspath(params["results_dir"]))
     reads = {b: custom[b.stem] if b.stem in custom else set(schema.declared(b.stem)) for b in books}
     out_dir = _writable_folder(results_dir) / "notebooks"
-    done, seconds = [], {}
+    done, stages = [], {}
     with _locked(results_dir):
         out_dir.mkdir(exist_ok=True)
         for book in books:
@@ -180,23 +182,13 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
             log(f"running {book.name} with {mine}")
             start = time.perf_counter()
             _execute(book, out_dir, mine, cell_timeout, echo)
-            seconds[book.stem] = time.perf_counter() - start
-            log(f"finished {book.name} in {seconds[book.stem]:.0f} s")
+            seconds = time.perf_counter() - start
+            stages[book.stem] = timing.notebook_stages(out_dir / book.name, seconds)
+            log(f"finished {book.name} in {seconds:.0f} s")
             done.append(out_dir / book.name)
-    log(timing_table(seconds))
+        timing.record(results_dir, stages)
+    log(timing.table(stages))
     return done
-
-
-STAGES = {"01_dataset_prep": "clip table (synthetic data)", "02_magnification": "magnification demo",
-          "03_feature_extraction": "trunk pre-training, magnification + features",
-          "04_training": "training (variants x seeds x folds), statistics", "05_confusion_analysis": "figures"}
-
-
-def timing_table(seconds: dict[str, float]) -> str:
-    """Seconds per notebook and what it spent them on, and the total."""
-    lines = [f"{'notebook':<24} {'seconds':>8}  stage"]
-    lines += [f"{name:<24} {s:>8.0f}  {STAGES.get(name, '')}" for name, s in seconds.items()]
-    return "\n".join(lines + [f"{'total':<24} {sum(seconds.values()):>8.0f}"])
 
 
 def _execute(book: Path, out_dir: Path, parameters: dict, cell_timeout: float | None, echo: bool) -> None:

@@ -135,8 +135,8 @@ _PARAMS = [
           path=PathRole.OUTPUT),
     Param("data_dir", Kind.PATH, "../data", (_DATA, _FEAT), "where the synthetic sets are written",
           path=PathRole.OUTPUT),
-    Param("synthetic_subjects", Kind.INT, 12, (_DATA,), "subjects in the synthetic set", min=2),
-    Param("synthetic_clips_per_subject", Kind.INT, 8, (_DATA,), "clips per subject in the synthetic set", min=1),
+    Param("synthetic_subjects", Kind.INT, 32, (_DATA,), "subjects in the synthetic set", min=2),
+    Param("synthetic_clips_per_subject", Kind.INT, 9, (_DATA,), "clips per subject in the synthetic set", min=1),
     _optional_path("casme2_coding", PathRole.FILE, (_DATA,),
                    "CASME II coding sheet, e.g. .../CASME2-coding-20140508.xlsx"),
     _optional_path("casme2_frames", PathRole.FOLDER, (_DATA,), "CASME II frames, e.g. .../CASME2/Cropped"),
@@ -168,11 +168,11 @@ _PARAMS = [
     # 03_feature_extraction
     Param("magnifier", Kind.CHOICE, "learning", (_FEAT,), "magnification method of the features",
           choices=("learning", "eulerian", "phase")),
-    Param("factors", Kind.FLOATS, None, (_FEAT,), "magnification factors; None: 9 factors over 2-12",
+    Param("factors", Kind.FLOATS, None, (_FEAT,), "magnification factors; None: 5 factors over 2-12 (the paper has 9: e.g. [2, 3.25, 4.5, ..., 12])",
           none_ok=True, min=1, rule=_factors_magnify,
           rule_text="at least one != 1 (factor 1 is the unmagnified frame; AMAN needs magnified factors)"),
     Param("include_unmagnified", Kind.BOOL, True, (_FEAT,), "add the factor-1 slot, for the no-magnification ablation"),
-    Param("n_frames", Kind.INT, 4, (_FEAT,), "frames after the onset up to the apex (about 10-11 on real data)", min=1),
+    Param("n_frames", Kind.INT, 2, (_FEAT,), "frames after the onset up to the apex (about 10-11 on real data)", min=1),
     Param("mag_size", Kind.INT, None, (_FEAT,), "magnify at this square size; None: each clip's own size",
           none_ok=True, min=32),
     Param("backbone", Kind.CHOICE, "auto", (_FEAT,),
@@ -190,7 +190,7 @@ _PARAMS = [
     Param("fidelity", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
           "the authors' BatchNorm and layer4 choices (authors), the kit's (kit), or auto: authors on real data, "
           "kit on the synthetic set (README: Fidelity to the authors' code)", choices=FIDELITIES),
-    Param("pretrain_epochs", Kind.INT, 10, (_FEAT,), "epochs of the kit's synthetic macro-expression pre-training",
+    Param("pretrain_epochs", Kind.INT, 6, (_FEAT,), "epochs of the kit's synthetic macro-expression pre-training",
           min=1),
     Param("feature_batch_size", Kind.INT, 64, (_FEAT,), "images per batch when computing trunk features", min=1),
     # 04_training

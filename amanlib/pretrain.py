@@ -23,7 +23,7 @@ from .runtime import autocast, progress_bar, resolve_device, resolve_precision, 
 
 @dataclass
 class PretrainConfig:
-    epochs: int = 10
+    epochs: int = 6  # bench/pretrain.py: 10 epochs gain 0.04 held-out accuracy (within its 0.05 SE) for 1.6x time
     crop: int = 160  # train on random crops of the 224x224 images: faces keep the scale of feature extraction
     batch_size: int = 32
     lr: float = 3e-3  # peak of the one-cycle schedule

@@ -66,6 +66,13 @@ def _plain(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def read_timing(results_dir) -> dict | None:
+    """results_dir/timing.json (seconds per notebook and stage of the last run), None when absent."""
+    from .timing import TIMING_FILE
+    path = Path(results_dir) / TIMING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def save_json(obj: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=_plain)))
 
@@ -260,16 +267,21 @@ STATS_METHOD = ("95% CIs: percentile bootstrap over subjects and training seeds 
                 "a two-sided sign-flip permutation test over subjects on per-subject differences averaged over seeds.")
 
 
-def comparisons_text(comparisons: pd.DataFrame) -> str:
-    """In words: which differences to AMAN exclude zero."""
+def comparisons_text(comparisons) -> str:
+    """In words, per metric: which variants AMAN beats and which beat it (95% CI excluding zero), and how many the
+    data cannot tell apart from it. `comparisons`: metrics.json's list or its DataFrame."""
+    def said(rows) -> str:
+        return "; ".join(f"{r.b} ({r.diff:+.3f}, CI {r.ci[0]:+.3f} to {r.ci[1]:+.3f}, p {r.p_value:.3g})" for r in rows)
+
     lines = []
-    for metric, part in comparisons.groupby("metric", sort=False):
-        clear = [f"{r.b} ({r.diff:+.3f}, CI {r.ci[0]:+.3f} to {r.ci[1]:+.3f}, p {r.p_value:.3g})"
-                 for r in part.itertuples() if r.ci[0] > 0 or r.ci[1] < 0]
-        a = part["a"].iloc[0]
-        lines.append(f"**{metric.upper()}**: {a} differs from " + ("; ".join(clear) if clear else "no variant")
-                     + f" with a 95% CI excluding zero; for the other {len(part) - len(clear)} variants the data "
-                     "cannot tell the difference from zero.")
+    for metric, part in pd.DataFrame(comparisons).groupby("metric", sort=False):
+        above = [r for r in part.itertuples() if r.ci[0] > 0]
+        below = [r for r in part.itertuples() if r.ci[1] < 0]
+        a, unclear = part["a"].iloc[0], len(part) - len(above) - len(below)
+        lines.append(f"**{metric.upper()}**: {a} scores higher than " + (said(above) if above else "no variant")
+                     + " and lower than " + (said(below) if below else "no variant")
+                     + f", each with a 95% CI excluding zero; for the other {unclear} variants the data cannot tell "
+                     "the difference from zero.")
     return "\n\n".join(lines)
 
 
@@ -303,6 +315,8 @@ def readme_table(metrics: dict) -> str:
     if key:
         half = (key[0]["ci"][1] - key[0]["ci"][0]) / 2
         notes.append(f"AMAN minus no magnification, UF1: {key[0]['diff']:+.3f}, 95% CI half-width {half:.3f}.")
+    if metrics["comparisons"]:
+        notes.append(comparisons_text(metrics["comparisons"]))
     if metrics.get("mechanism"):
         from .stats import mechanism_text
         notes.append(f"Mechanism check: {mechanism_text(metrics['mechanism'])}")
@@ -311,18 +325,24 @@ def readme_table(metrics: dict) -> str:
 
 
 README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
+TIMING_START, TIMING_END = "<!-- timing: rendered from results/timing.json -->", "<!-- end of timing -->"
 DIFFERENCES_START = "<!-- differences from the authors' code: rendered from amanlib/fidelity.py -->"
 DIFFERENCES_END = "<!-- end of differences -->"
 
 
-def render_readme(readme: str | Path, metrics: dict) -> bool:
-    """Replace README's results table and its table of differences from the authors' code (each between its
-    markers) by the ones rendered from metrics and amanlib.fidelity; True if README changed."""
+def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None) -> bool:
+    """Replace README's results table, its timing table (when `timing`, a results/timing.json, is given) and its
+    table of differences from the authors' code (each between its markers) by the ones rendered from metrics,
+    timing and amanlib.fidelity; True if README changed."""
+    from . import timing as timings
     from .fidelity import differences_markdown
     readme = Path(readme)
     text = new = readme.read_text()
-    for start, end, block in ((README_START, README_END, readme_table(metrics)),
-                              (DIFFERENCES_START, DIFFERENCES_END, differences_markdown())):
+    blocks = [(README_START, README_END, readme_table(metrics)),
+              (DIFFERENCES_START, DIFFERENCES_END, differences_markdown())]
+    if timing is not None:
+        blocks.append((TIMING_START, TIMING_END, timings.markdown(timing)))
+    for start, end, block in blocks:
         if start not in new or end not in new:
             raise ValueError(f"{readme} lacks the markers {start!r} and {end!r}")
         head, rest = new.split(start, 1)

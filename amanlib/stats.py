@@ -280,17 +280,22 @@ def _weighted_spearman(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.
 
 def spearman_mechanism(preferred_factor: pd.Series, truth: pd.Series, n_resamples: int = 2000, seed: int = 0,
                        level: float = 0.95, clusters: pd.Series | None = None) -> dict:
-    """Spearman's rho between each clip's preferred factor and its true peak displacement, scipy's p and a
-    percentile bootstrap CI resampling clusters (subjects) when given, else clips (undefined resamples dropped)."""
+    """Spearman's rho between each clip's preferred factor and its true peak displacement, with a percentile
+    bootstrap CI and a two-sided p-value from the same resamples (twice the share of resampled rho on the far side
+    of 0), resampling clusters (subjects) when given, else clips; undefined resamples are dropped. Clips of one
+    subject share its motion, so a p-value that counted them as independent would be far too small."""
     _check_resampling(n_resamples, level)
     x, y, codes = _mechanism_inputs(preferred_factor, truth, clusters)
-    rho, p = spearmanr(x, y)
+    rho = spearmanr(x, y).statistic
     n_groups = codes.max() + 1
     group_w = _row_counts(np.random.default_rng(seed).integers(0, n_groups, (n_resamples, n_groups)), n_groups)
     boot = np.concatenate([_weighted_spearman(x, y, group_w[start:start + CHUNK][:, codes].astype(float))
                            for start in range(0, n_resamples, CHUNK)])
     lo, hi = np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return {"spearman_r": float(rho), "ci": [float(lo), float(hi)], "p_value": float(p), "n": len(x)}
+    boot = boot[np.isfinite(boot)]
+    far = min((boot <= 0).sum(), (boot >= 0).sum())
+    p = min(1.0, 2 * (far + 1) / (len(boot) + 1))
+    return {"spearman_r": float(rho), "ci": [float(lo), float(hi)], "p_value": p, "n": len(x)}
 
 
 def preferred_factor(alpha: np.ndarray, factors) -> np.ndarray:

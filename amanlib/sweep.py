@@ -4,7 +4,8 @@ Model m is the model `run_loso` trains for its (variant, seed) and fold: the sam
 the fold's seed), the same shuffles, the same RMSprop + StepLR updates, up to float rounding (the same sums
 are taken in another order; tests/test_sweep.py bounds the difference). Parameters are stacked over
 models; a model without a batch at a step (folds differ in size) is left untouched; the attention switches
-are masks, and models with as many factor slots train together, each gathering its own slots. The heads
+are masks, and models with as many factor slots train together, each gathering its own slots (models that read
+the same rows, a seed's variants over the same slots, gather them once). The heads
 only ever need 2 + C projections of each (frame, slot) feature vector (w_alpha.x, w_beta.x, W_fc.x), so
 each step gathers feature rows chunk by chunk into cache for one matmul forward and one for the weights'
 gradient; the rest (attention, loss, its gradient by hand) works on the projections. Each fold's
@@ -14,6 +15,7 @@ standardisation is folded into its models' weights, so every model reads one cen
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,9 +169,9 @@ def _splits(index: pd.DataFrame, folds, cfg: TrainConfig) -> list[tuple[np.ndarr
 
 def _programs(todo: list[int], jobs, n_factors: int, n_folds: int) -> list[list[int]]:
     """The jobs to train together: as many factor slots each (so every model gathers as many feature rows), at
-    most PROGRAM_MODELS models."""
+    most PROGRAM_MODELS models, a seed's configs next to each other."""
     groups: dict[int, list[int]] = {}
-    for i in todo:
+    for i in sorted(todo, key=lambda i: jobs[i][2].seed):  # a seed's variants side by side: they can share rows
         groups.setdefault(len(_slots(jobs[i][2], n_factors)), []).append(i)
     per_program = max(1, PROGRAM_MODELS // n_folds)
     return [members[start:start + per_program] for members in groups.values()
@@ -221,6 +223,7 @@ class _Program:
     scale: torch.Tensor  # M, 1, 512
     source: _Source
     chunk_elements: int
+    share: int = 1  # runs of this many consecutive models read the same rows at every step (_sharing)
     buffer: torch.Tensor | None = None  # the gathered features of a chunk
     folded: torch.Tensor | None = None  # M, J, 512: the weights on centred features
 
@@ -254,10 +257,13 @@ class _Program:
         return logits, saved[1], saved[4]
 
     def project(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Source rows M, R and weights M, J, 512 -> the projections w.x of every row on every weight, M, J, R."""
-        out = weights.new_empty(*weights.shape[:2], rows.shape[1])
-        for s, e, x in self._chunks(rows):
-            torch.bmm(weights[s:e], x.transpose(1, 2), out=out[s:e])
+        """Source rows M, R and weights M, J, 512 -> the projections w.x of every row on every weight, M, J, R.
+        Models that share rows are one matmul: their gathered rows against their V*J stacked weights."""
+        M, J, V = *weights.shape[:2], self.share
+        out = weights.new_empty(M, J, rows.shape[1])
+        shared_w, shared_out = weights.view(M // V, V * J, -1), out.view(M // V, V * J, -1)
+        for s, e, x in self._chunks(rows[::V]):
+            torch.bmm(shared_w[s:e], x.transpose(1, 2), out=shared_out[s:e])
         return out
 
     def gradient(self, rows: torch.Tensor, d_out: torch.Tensor, d_bias: torch.Tensor, grad: torch.Tensor) -> None:
@@ -266,13 +272,15 @@ class _Program:
         dloss/dprojection, unfolded."""
         grad_w, grad_b = _split(grad, self.n_out)
         torch.neg(d_bias, out=d_out[..., -1])
-        for s, e, x in self._chunks(rows):
-            torch.bmm(d_out[s:e], x, out=grad_w[s:e])
+        M, J, V = *grad_w.shape[:2], self.share
+        shared_d, shared_grad = d_out.view(M // V, V * J, -1), grad_w.view(M // V, V * J, -1)
+        for s, e, x in self._chunks(rows[::V]):
+            torch.bmm(shared_d[s:e], x, out=shared_grad[s:e])
         grad_w.div_(self.scale)
         grad_b.copy_(d_bias)
 
     def _chunks(self, rows: torch.Tensor):
-        """(start, end, features M', R, 512) of the models' rows, CHUNK_ELEMENTS floats at a time."""
+        """(start, end, features M', R, 512) of the rows of M' (groups of) models, CHUNK_ELEMENTS floats at a time."""
         per_model = rows.shape[1]
         step = max(1, self.chunk_elements // (per_model * 512))
         for s in range(0, len(rows), step):
@@ -351,8 +359,23 @@ def _build(source: _Source, index, folds, cfgs, num_classes, device):
     chunk = CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     program = _Program(torch.cat([weights.flatten(), biases.flatten()]).to(device), weights.shape[1],
                        on("use_alpha")[:, None, None, None], on("use_beta")[:, None, None], base[:, None].to(device),
-                       int(np.prod(source.shape)) + group, source.scale[group][:, None], source, chunk)
+                       int(np.prod(source.shape)) + group, source.scale[group][:, None], source, chunk,
+                       _sharing(models, n_factors))
     return models, program
+
+
+def _sharing(models, n_factors: int) -> int:
+    """How many consecutive models read the same source rows at every step: the same fold seed (so the same
+    shuffles), training rows and factor slots, e.g. AMAN and its attention ablations under one seed. The largest
+    V such that models m*V .. m*V + V - 1 all agree for every m."""
+    keys = [(d["seed"], d["fit"].tobytes(), d["test"].tobytes(), d["val"].tobytes(),
+             tuple(_slots(d["cfg"], n_factors))) for d in models]
+    runs, start = [], 0
+    for m in range(1, len(keys) + 1):
+        if m == len(keys) or keys[m] != keys[start]:
+            runs.append(m - start)
+            start = m
+    return math.gcd(*runs)
 
 
 def _rmsprop(theta: torch.Tensor, grad: torch.Tensor, square: torch.Tensor, lr: float, cfg: TrainConfig,

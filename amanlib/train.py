@@ -7,7 +7,9 @@ fold is written atomically, so a re-run skips it and ends with the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,15 +289,25 @@ def _layer4_weights(path: str | Path | None, seed: int) -> dict:
     """What layer4 starts from: a checkpoint's layer4 weights (by content) or a random init from `seed`."""
     if not path:
         return {"random_seed": seed}
+    if not Path(path).is_file():
+        read_state_dict(path, "layer4 checkpoint")  # its error names the file
+    stat = os.stat(path)
+    return {"digest": _layer4_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)}
+
+
+@functools.lru_cache(maxsize=16)
+def _layer4_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """The digest of a checkpoint's layer4 weights, read once per version of the file (a sweep asks per run)."""
     state = {k: v for k, v in read_state_dict(path, "layer4 checkpoint").items() if k.startswith("layer4.")}
-    return {"digest": tensor_digest(state) if state else file_digest(path)}
+    return tensor_digest(state) if state else file_digest(path)
 
 
 @torch.inference_mode()
 def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device="auto", chunk: int = 64,
-                  progress: bool = True, seed: int = 0) -> torch.Tensor:
-    """Frozen-layer4 fast path: pre-trained layer4 + average pooling once for all clips -> [N, F, K, 512].
-    Without a checkpoint layer4 is random, drawn from `seed`."""
+                  progress: bool = True, seed: int = 0, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Frozen-layer4 fast path: pre-trained layer4 + average pooling once for all clips -> [N, F, K, 512] float32.
+    Without a checkpoint layer4 is random, drawn from `seed`. With `autocast_dtype` (bf16) layer4 computes under
+    autocast, as the trunk that made the features did."""
     device = resolve_device(device)
     torch.manual_seed(seed)
     model = AMAN(num_classes=1, in_channels=features.shape[3]).to(device).eval()
@@ -304,23 +316,31 @@ def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device
     else:
         log.warning("frozen layer4 with RANDOM weights (seed %d): no init_layer4_from checkpoint was given", seed)
     starts = progress_bar(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)
-    out = [model.pool(features[s:s + chunk].to(device, torch.float32)).cpu() for s in starts]
+    with autocast(device, autocast_dtype is not None, autocast_dtype):
+        out = [model.pool(features[s:s + chunk].to(device, torch.float32)).float().cpu() for s in starts]
     return torch.cat(out)
 
 
+def trunk_dtype(features) -> torch.dtype | None:
+    """The autocast dtype the trunk of a feature cache computed in (None: fp32, or not a feature cache)."""
+    recorded = features.inputs["trunk"].get("dtype") if isinstance(features, FeatureCache) else None
+    return torch.bfloat16 if recorded == str(torch.bfloat16) else None
+
+
 def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress: bool = True):
-    """With frozen_layer4, the pooled features, cached under runs_dir/pooled by the features' key and the
-    layer4 weights; else the features as they are (a tensor or array comes back as Keyed, by its bytes)."""
+    """With frozen_layer4, the pooled features (layer4 in the trunk's compute dtype), cached under runs_dir/pooled
+    by the features' key, the layer4 weights and that dtype; else the features as they are (a tensor or array comes back as Keyed, by its bytes)."""
     tensor, key, factors = _unpack(features)
     if not (cfg.frozen_layer4 and tensor.dim() == 6):  # keyed once: the caller need not hash the bytes again
         return features if isinstance(features, (FeatureCache, Keyed)) else Keyed(tensor, key, factors)
-    layer4 = _layer4_weights(cfg.init_layer4_from, cfg.seed)
-    entry = Entry(Path(runs_dir) / "pooled", {"features": key, "layer4": layer4}, "pooled features")
+    layer4, dtype = _layer4_weights(cfg.init_layer4_from, cfg.seed), trunk_dtype(features)
+    entry = Entry(Path(runs_dir) / "pooled", {"features": key, "layer4": layer4, "dtype": str(dtype)},
+                  "pooled features")
     if not entry.done:
         with entry.writing():
             if not entry.done:
                 pooled = pool_features(tensor, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress,
-                                       seed=cfg.seed)
+                                       seed=cfg.seed, autocast_dtype=dtype)
                 clips = features.clips if isinstance(features, FeatureCache) else None
                 check_finite(pooled, clips, _fix(features), "pooled features")
                 torch_save_atomic(pooled, entry.path / "pooled.pt")

@@ -123,6 +123,18 @@ def test_random_layer4_is_drawn_from_the_seed(tmp_path):
     assert a.key == b.key != c.key and not torch.equal(a.features, c.features)
 
 
+def test_pooled_features_follow_the_trunks_dtype(tmp_path, monkeypatch):
+    """Features made by a bf16 trunk are pooled by layer4 in bf16 too, under a key of their own."""
+    x = torch.randn(4, 1, 2, 256, 14, 14)
+    cfg = TrainConfig(**FAST, frozen_layer4=True)
+    fp32 = train.prepare_features(x, cfg, tmp_path, progress=False)
+    monkeypatch.setattr(train, "trunk_dtype", lambda features: torch.bfloat16)
+    bf16 = train.prepare_features(x, cfg, tmp_path, progress=False)
+    assert bf16.key != fp32.key and bf16.features.dtype == torch.float32
+    error = (bf16.features - fp32.features).norm() / fp32.features.norm()
+    assert 0 < error < 0.02
+
+
 def _run(args):
     x, index, lr, runs = args
     return str(run_loso(x, index, TrainConfig(**FAST, lr=lr), runs, progress=False).out_dir)

@@ -115,6 +115,11 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     streamed = capsys.readouterr()
     assert "training (variants x seeds x folds)" in streamed.err  # text progress streamed from the kernels
     assert "04_training" in streamed.out and "total" in streamed.out.splitlines()[-1]  # seconds per notebook
+    timing = json.loads((results / "timing.json").read_text())  # and per stage, read back from the notebooks
+    assert list(timing["notebooks"]) == EXPECTED
+    assert {"pre-training", "magnification + features", "training", "statistics", "figures"} <= \
+        set(timing["notebooks"]["03_feature_extraction"]) | set(timing["notebooks"]["04_training"])
+    assert "pre-training" in streamed.out and "magnification + features" in streamed.out
     figures = {p.name for p in (results / "figures").glob("*.png")}
     for name in ["01_dataset_overview.png", "01_onset_apex_offset.png", "02_magnification.png",
                  "04_learning_curves.png", "04_ablations.png", "05_confusion.png", "05_alpha_by_class.png",

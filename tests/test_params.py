@@ -3,6 +3,7 @@ import ast
 import errno
 import math
 import os
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -36,10 +37,15 @@ def books(tmp_path):
 
 @pytest.fixture
 def executed(monkeypatch):
-    """papermill's execute replaced by a recorder: (notebook name, parameters) of each call; nothing runs."""
+    """papermill's execute replaced by a recorder: (notebook name, parameters) of each call; nothing runs (the
+    notebook is copied as it is, as papermill writes its output)."""
     calls = []
-    monkeypatch.setattr(pm, "execute_notebook",
-                        lambda src, out, parameters=None, **kw: calls.append((Path(src).stem, dict(parameters))))
+
+    def record(src, out, parameters=None, **kw):
+        calls.append((Path(src).stem, dict(parameters)))
+        shutil.copyfile(src, out)
+
+    monkeypatch.setattr(pm, "execute_notebook", record)
     return calls
 
 
@@ -342,6 +348,7 @@ def test_a_second_run_into_the_same_folder_fails_at_once(capsys, books, tmp_path
 
     def execute(src, out, parameters=None, **kw):  # while a run executes, its folder is locked
         held.append(_one_error(capsys, "run-notebooks", "--notebooks", str(books), "--results", str(results)))
+        shutil.copyfile(src, out)
 
     monkeypatch.setattr(pm, "execute_notebook", execute)
     with FileLock(str(results / LOCK_NAME), timeout=0):

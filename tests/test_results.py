@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amanlib.results import readme_table, render_readme
+from amanlib import timing
+from amanlib.results import read_timing, readme_table, render_readme
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = json.loads((REPO / "results" / "metrics.json").read_text())
@@ -47,3 +48,14 @@ def test_readme_table_is_the_committed_metrics(tmp_path):
     assert not render_readme(readme, METRICS), "README's results table differs from results/metrics.json: " \
                                                "run `.venv/bin/python -m amanlib readme`"
     assert readme_table(METRICS) in (REPO / "README.md").read_text()
+
+
+def test_readme_timing_is_the_committed_timing(tmp_path):
+    committed = read_timing(REPO / "results")
+    assert committed is not None, "results/timing.json is missing: `make reproduce` writes it"
+    assert set(committed["notebooks"]) == {p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    assert not render_readme(readme, METRICS, committed), "README's timing table differs from results/timing.json: " \
+                                                          "run `.venv/bin/python -m amanlib readme`"
+    assert timing.markdown(committed) in (REPO / "README.md").read_text()

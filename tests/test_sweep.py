@@ -107,6 +107,22 @@ def test_gathering_one_model_at_a_time_changes_nothing(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(together.history, apart.history, atol=1e-6, check_exact=False)
 
 
+def test_a_seeds_variants_gather_their_rows_once(tmp_path, monkeypatch):
+    index, x = uneven_index(), pooled(uneven_index())
+    cfg = TrainConfig(epochs=3, device="cpu")
+    shares, found = [], sweep._sharing
+    monkeypatch.setattr(sweep, "_sharing", lambda *a: shares.append(found(*a)) or shares[-1])
+    shared = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "a", factors=[1, 2, 4],
+                       progress=False)
+    assert sorted(shares) == [1, 3]  # AMAN and its two attention ablations per seed; the one-factor variant alone
+    monkeypatch.setattr(sweep, "_sharing", lambda *a: 1)
+    apart = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "b", factors=[1, 2, 4],
+                      progress=False)
+    pd.testing.assert_frame_equal(shared.predictions.drop(columns=["alpha", "beta"]),
+                                  apart.predictions.drop(columns=["alpha", "beta"]))
+    pd.testing.assert_frame_equal(shared.history, apart.history, atol=1e-6, check_exact=False)
+
+
 def heads(n_models, num_classes=3, seed=0):
     """AMAN heads drawn as run_loso draws them, and their parameters stacked as the sweep holds them."""
     torch.manual_seed(seed)

@@ -38,9 +38,10 @@ SYNTHETIC_PROTOCOLS = {"megc2019_3class": megc2019_3class, "casme2_5class": casm
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Knobs of the synthetic micro-expression set (defaults: 12 subjects x 8 clips x about 20 frames)."""
-    n_subjects: int = 12
-    clips_per_subject: int = 8
+    """Knobs of the synthetic micro-expression set (defaults: 32 subjects x 9 clips x about 20 frames, sized so that
+    the 95% CI of AMAN minus no magnification is about +-0.05 UF1 with 5 training seeds; README)."""
+    n_subjects: int = 32
+    clips_per_subject: int = 9
     frames: int = 20  # frames per clip, onset to offset, +- frames_jitter
     frames_jitter: int = 3
     size: int = 128

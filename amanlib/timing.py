@@ -1,0 +1,94 @@
+"""Seconds per notebook and per stage of a run, read back from the executed notebooks (papermill times every
+cell; a cell's `stage:<name>` tag says what it computes), kept in results_dir/timing.json for README."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from .runtime import native_bf16
+
+STAGES = ("setup", "data", "magnification demo", "pre-training", "magnification + features", "training",
+          "statistics", "figures")
+"""What a run spends its time on; 'setup' is kernel start, imports, parameter checks and untagged cells."""
+TAG = "stage:"
+TIMING_FILE = "timing.json"
+
+
+def cell_stage(cell: dict) -> str:
+    """The stage a notebook cell belongs to: its `stage:<name>` tag, else setup; an unknown name is an error."""
+    tags = [t[len(TAG):] for t in cell.get("metadata", {}).get("tags", []) if t.startswith(TAG)]
+    if len(tags) > 1 or (tags and tags[0] not in STAGES):
+        raise ValueError(f"cell tags {tags}: expected at most one stage, one of {STAGES}")
+    return tags[0] if tags else "setup"
+
+
+def notebook_stages(executed: str | Path, seconds: float) -> dict[str, float]:
+    """Seconds per stage of one executed notebook that took `seconds` in all; what no cell accounts for
+    (kernel start, writing the notebook) is setup."""
+    book = json.loads(Path(executed).read_text(encoding="utf-8"))
+    spent = dict.fromkeys(STAGES, 0.0)
+    for cell in book["cells"]:
+        if cell["cell_type"] == "code":
+            spent[cell_stage(cell)] += cell.get("metadata", {}).get("papermill", {}).get("duration") or 0.0
+    spent["setup"] += max(0.0, seconds - sum(spent.values()))
+    return {stage: s for stage, s in spent.items() if s > 0}
+
+
+def machine() -> str:
+    """This machine in a line: CPU model, the cores this process may use, bf16 support, GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {cores} cores{', native bf16' if native_bf16('cpu') else ''}, {gpu}"
+
+
+def record(results_dir: str | Path, stages: dict[str, dict[str, float]]) -> dict:
+    """Write results_dir/timing.json: the date, this machine and seconds per notebook and stage."""
+    from .results import save_json
+    timing = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "notebooks": {name: {s: round(v, 1) for s, v in spent.items()} for name, spent in stages.items()}}
+    save_json(timing, Path(results_dir) / TIMING_FILE)
+    return timing
+
+
+def per_stage(stages: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Seconds per stage summed over notebooks, in STAGES order."""
+    return {s: sum(spent.get(s, 0.0) for spent in stages.values()) for s in STAGES
+            if any(s in spent for spent in stages.values())}
+
+
+def table(stages: dict[str, dict[str, float]]) -> str:
+    """Plain-text table for the terminal: seconds per notebook (split by stage), then per stage, and the total."""
+    lines = [f"{'notebook':<24} {'seconds':>8}  of which"]
+    for name, spent in stages.items():
+        split = ", ".join(f"{s} {v:.0f}" for s, v in spent.items())
+        lines.append(f"{name:<24} {sum(spent.values()):>8.0f}  {split}")
+    lines += ["", f"{'stage':<24} {'seconds':>8}"]
+    lines += [f"{s:<24} {v:>8.0f}" for s, v in per_stage(stages).items()]
+    total = sum(sum(spent.values()) for spent in stages.values())
+    return "\n".join(lines + [f"{'total':<24} {total:>8.0f}"])
+
+
+def markdown(timing: dict) -> str:
+    """README's timing table from timing.json: seconds per stage and notebook, with the date and machine."""
+    stages = timing["notebooks"]
+    columns = list(per_stage(stages))
+    lines = [f"Seconds of notebook time of the last `make reproduce` run committed to `results/` "
+             f"({timing['date']}, {timing['machine']}):", "",
+             "| notebook | " + " | ".join(columns) + " | total |", "|---|" + "---:|" * (len(columns) + 1)]
+    for name, spent in stages.items():
+        cells = [f"{spent[c]:.0f}" if c in spent else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(spent.values()):.0f} |")
+    totals = per_stage(stages)
+    lines.append("| **total** | " + " | ".join(f"{totals[c]:.0f}" for c in columns)
+                 + f" | **{sum(totals.values()):.0f}** |")
+    return "\n".join(lines) + "\n"
