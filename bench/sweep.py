@@ -1,7 +1,8 @@
 """Sweep speed: every fold x variant x seed as one batched program (run_sweep) against a loop of run_loso.
 
-Pooled features [N, F, K, 512] with a class signal, the synthetic default's shape (96 clips of 12 subjects,
-4 frames, 10 factor slots), the paper's 13 ablation variants and 5 seeds, 50 epochs. Both engines run in
+Pooled features [N, F, K, 512] with a class signal in the performance issue's shape (96 clips of 12 subjects,
+4 frames, 10 factor slots: the synthetic default until 2026-11-25), the paper's 13 ablation variants and 5
+seeds, 50 epochs. Both engines run in
 this process on the same inputs; the predictions are compared and the ratio of seconds is printed. The loop
 can be limited to the first --loop-runs (variant, seed) pairs (its time is then scaled to all pairs, said
 so in the output). Also counts the matrix-product FLOPs of one sweep with torch.utils.flop_counter
