@@ -66,14 +66,19 @@ def per_stage(stages: dict[str, dict[str, float]]) -> dict[str, float]:
             if any(s in spent for spent in stages.values())}
 
 
+def _seconds(value: float) -> str:
+    """Whole seconds, or tenths below 10 s (a stage of 0.2 s is not 0)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def table(stages: dict[str, dict[str, float]]) -> str:
     """Plain-text table for the terminal: seconds per notebook (split by stage), then per stage, and the total."""
     lines = [f"{'notebook':<24} {'seconds':>8}  of which"]
     for name, spent in stages.items():
-        split = ", ".join(f"{s} {v:.0f}" for s, v in spent.items())
+        split = ", ".join(f"{s} {_seconds(v)}" for s, v in spent.items())
         lines.append(f"{name:<24} {sum(spent.values()):>8.0f}  {split}")
     lines += ["", f"{'stage':<24} {'seconds':>8}"]
-    lines += [f"{s:<24} {v:>8.0f}" for s, v in per_stage(stages).items()]
+    lines += [f"{s:<24} {_seconds(v):>8}" for s, v in per_stage(stages).items()]
     total = sum(sum(spent.values()) for spent in stages.values())
     return "\n".join(lines + [f"{'total':<24} {total:>8.0f}"])
 
@@ -86,9 +91,9 @@ def markdown(timing: dict) -> str:
              f"({timing['date']}, {timing['machine']}):", "",
              "| notebook | " + " | ".join(columns) + " | total |", "|---|" + "---:|" * (len(columns) + 1)]
     for name, spent in stages.items():
-        cells = [f"{spent[c]:.0f}" if c in spent else "" for c in columns]
+        cells = [_seconds(spent[c]) if c in spent else "" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(spent.values()):.0f} |")
     totals = per_stage(stages)
-    lines.append("| **total** | " + " | ".join(f"{totals[c]:.0f}" for c in columns)
+    lines.append("| **total** | " + " | ".join(_seconds(totals[c]) for c in columns)
                  + f" | **{sum(totals.values()):.0f}** |")
     return "\n".join(lines) + "\n"

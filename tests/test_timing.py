@@ -30,8 +30,8 @@ def test_stages_sum_tagged_cells_and_setup_takes_the_rest(tmp_path):
                                    "figures": 3.0})
     assert sum(spent.values()) == pytest.approx(110.0)
     text = timing.table({"03_feature_extraction": spent, "04_training": {"setup": 5.0, "training": 20.0}})
-    assert "pre-training 40" in text and text.splitlines()[-1].split() == ["total", "135"]
-    assert "| **total** | 12 | 40 | 60 | 20 | 3 | **135** |" in timing.markdown(
+    assert "pre-training 40" in text and "figures 3.0" in text and text.splitlines()[-1].split() == ["total", "135"]
+    assert "| **total** | 12 | 40 | 60 | 20 | 3.0 | **135** |" in timing.markdown(
         {"date": "2026-11-25", "machine": "m", "notebooks": {"03_feature_extraction": spent,
                                                             "04_training": {"setup": 5.0, "training": 20.0}}})
 

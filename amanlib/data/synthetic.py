@@ -202,8 +202,9 @@ def _generate_micro(root: Path, seed: int, cfg: SyntheticConfig) -> None:
     faces = [sample_face(np.random.default_rng([seed, 0, s])) for s in range(cfg.n_subjects)]
     images = render_faces(faces, cfg.size)  # S, 2, 3, H, W
     fields = action_fields(faces, cfg.size)  # emotion -> S, 2, H, W
-    sheet_rows, truth = [], []
-    for s in range(cfg.n_subjects):
+
+    def subject(s: int) -> tuple[list, list]:
+        """Render and write subject s's clips (its own random streams, so subjects can run side by side)."""
         rng = np.random.default_rng([seed, 2, s])
         subject_peak = float(np.exp(rng.uniform(*np.log(cfg.subject_peak_px))))
         classes = [list(CLASS_EMOTIONS)[(i + s) % 3] for i in range(cfg.clips_per_subject)]
@@ -211,19 +212,26 @@ def _generate_micro(root: Path, seed: int, cfg: SyntheticConfig) -> None:
         emotions = [str(rng.choice(CLASS_EMOTIONS[c])) for c in classes]
         plans = [_clip_plan(rng, cfg, subject_peak, e, i) for i, e in enumerate(emotions)]
         frames = _render_subject(images[s], {e: f[s:s + 1] for e, f in fields.items()}, plans, cfg.noise_sigma)
-        subject = f"sub{s + 1:02d}"
-        paths = [root / "Cropped" / subject / p["clip"] / f"reg_img{p['onset'] + k}.jpg"
+        name = f"sub{s + 1:02d}"
+        paths = [root / "Cropped" / name / p["clip"] / f"reg_img{p['onset'] + k}.jpg"
                  for p in plans for k in range(p["n"])]
         _write_jpegs(frames, paths, cfg.jpeg_quality)
+        rows, truth = [], []
         for p in plans:
             offset, apex = p["onset"] + p["n"] - 1, p["onset"] + p["apex_index"]
-            sheet_rows.append([s + 1, p["clip"], None, p["onset"], apex, offset, None, EMOTION_AUS[p["emotion"]],
-                               p["emotion"]])
-            truth.append({"subject": subject, "clip": p["clip"], "emotion": p["emotion"],
+            rows.append([s + 1, p["clip"], None, p["onset"], apex, offset, None, EMOTION_AUS[p["emotion"]],
+                         p["emotion"]])
+            truth.append({"subject": name, "clip": p["clip"], "emotion": p["emotion"],
                           "action_units": EMOTION_AUS[p["emotion"]], "onset": p["onset"], "apex": apex,
                           "offset": offset, "peak_px": p["peak_px"], "subject_peak_px": subject_peak,
                           "blink_frame": None if p["blink_at"] is None else p["onset"] + p["blink_at"],
                           "drift_px": float(np.abs(p["drift"]).max())})
+        return rows, truth
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # torch releases the GIL: one subject per core
+        done = list(pool.map(subject, range(cfg.n_subjects)))
+    sheet_rows = [row for rows, _ in done for row in rows]
+    truth = [row for _, rows in done for row in rows]
     _write_sheet(root / SHEET_NAME, sheet_rows)
     pd.DataFrame(truth).astype({"blink_frame": "Int64"}).to_csv(root / TRUTH_NAME, index=False)
 
