@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+import torch
+
 from .runtime import native_bf16
 
 STAGES = ("setup", "data", "magnification demo", "pre-training", "magnification + features", "training",
@@ -46,7 +48,6 @@ def machine() -> str:
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {cores} cores{', native bf16' if native_bf16('cpu') else ''}, {gpu}"
 
