@@ -38,8 +38,9 @@ def _score(args) -> None:
 
 
 def _readme(args) -> None:
-    from .results import read_metrics, read_timing, render_readme
-    changed = render_readme(args.readme, read_metrics(args.results), read_timing(args.results))
+    from . import timing
+    from .results import read_metrics, render_readme
+    changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results))
     state = "updated" if changed else "already up to date"
     print(f"{args.readme}: results and timing tables {state} from {args.results}")
 

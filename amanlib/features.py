@@ -30,6 +30,11 @@ BACKBONE_FILE = "backbone.json"  # in a cache folder: the trunk's name and check
 DEFAULT_FACTORS = [2.0, 4.5, 7.0, 9.5, 12.0]  # 5 over 2-12 (the paper has 9; README: Fidelity)
 
 
+def magnified_slots(factors) -> list[int]:
+    """The slots of the factors that magnify (factor 1 is the unmagnified frame itself)."""
+    return [k for k, f in enumerate(factors) if float(f) != 1.0]
+
+
 @torch.inference_mode()
 def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 64, device="auto",
                      dtype: torch.dtype = torch.float32, progress: bool = True,
@@ -64,8 +69,8 @@ def clip_features(clip: torch.Tensor, factors: list[float], trunk: nn.Module, **
     """
     if getattr(trunk, "bn", "running") != "frame_batch":
         return extract_features(clip.flatten(0, 1), trunk, **kw).view(*clip.shape[:2], 256, 14, 14)
-    magnified = [k for k, f in enumerate(factors) if f != 1.0]
-    plain = [k for k, f in enumerate(factors) if f == 1.0]
+    magnified = magnified_slots(factors)
+    plain = [k for k in range(len(factors)) if k not in magnified]
     out = torch.empty(*clip.shape[:2], 256, 14, 14, dtype=kw.get("dtype", torch.float32))
     out[:, magnified] = extract_features(clip[:, magnified], trunk, **kw)  # F batches of the K' magnified images
     if plain:
@@ -80,12 +85,10 @@ def magnify_clip(row, magnifier, factors, n_frames: int, size: int | None = None
     """
     images = load_clip_frames(select_frames(row, n_frames + 1), size).to(device)  # F+1, 3, H, W (onset first)
     frames, onset = images[1:], images[:1]  # the onset is prepared once for all frames
-    factors = [float(f) for f in factors]
-    magnified = [f for f in factors if f != 1.0]
+    factors, slots = [float(f) for f in factors], magnified_slots(factors)
     out = frames[:, None].expand(-1, len(factors), -1, -1, -1).clone()  # F, K, 3, H, W
-    if magnified:
-        slots = [k for k, f in enumerate(factors) if f != 1.0]
-        out[:, slots] = magnifier(onset, frames, magnified).to(out.dtype)
+    if slots:
+        out[:, slots] = magnifier(onset, frames, [factors[k] for k in slots]).to(out.dtype)
     return out
 
 

@@ -168,7 +168,8 @@ _PARAMS = [
     # 03_feature_extraction
     Param("magnifier", Kind.CHOICE, "learning", (_FEAT,), "magnification method of the features",
           choices=("learning", "eulerian", "phase")),
-    Param("factors", Kind.FLOATS, None, (_FEAT,), "magnification factors; None: 5 factors over 2-12 (the paper has 9: e.g. [2, 3.25, 4.5, ..., 12])",
+    Param("factors", Kind.FLOATS, None, (_FEAT,),
+          "magnification factors; None: 5 factors over 2-12 (the paper has 9: e.g. [2, 3.25, 4.5, ..., 12])",
           none_ok=True, min=1, rule=_factors_magnify,
           rule_text="at least one != 1 (factor 1 is the unmagnified frame; AMAN needs magnified factors)"),
     Param("include_unmagnified", Kind.BOOL, True, (_FEAT,), "add the factor-1 slot, for the no-magnification ablation"),

@@ -66,13 +66,6 @@ def _plain(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def read_timing(results_dir) -> dict | None:
-    """results_dir/timing.json (seconds per notebook and stage of the last run), None when absent."""
-    from .timing import TIMING_FILE
-    path = Path(results_dir) / TIMING_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def save_json(obj: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=_plain)))
 

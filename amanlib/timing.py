@@ -61,6 +61,12 @@ def record(results_dir: str | Path, stages: dict[str, dict[str, float]]) -> dict
     return timing
 
 
+def read(results_dir: str | Path) -> dict | None:
+    """results_dir/timing.json as record wrote it; None when absent."""
+    path = Path(results_dir) / TIMING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def per_stage(stages: dict[str, dict[str, float]]) -> dict[str, float]:
     """Seconds per stage summed over notebooks, in STAGES order."""
     return {s: sum(spent.get(s, 0.0) for spent in stages.values()) for s in STAGES

@@ -22,7 +22,7 @@ from torch import nn
 from .cache import Entry, file_digest, tensor_digest
 from .executors import as_executor
 from .checkpoints import read_state_dict
-from .features import FeatureCache
+from .features import FeatureCache, magnified_slots
 from .metrics import megc_scores, uar, uf1
 from .model import AMAN, LAYER4_BN
 from .results import LOSOResult
@@ -329,7 +329,8 @@ def trunk_dtype(features) -> torch.dtype | None:
 
 def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress: bool = True):
     """With frozen_layer4, the pooled features (layer4 in the trunk's compute dtype), cached under runs_dir/pooled
-    by the features' key, the layer4 weights and that dtype; else the features as they are (a tensor or array comes back as Keyed, by its bytes)."""
+    by the features' key, the layer4 weights and that dtype; else the features as they are (a tensor or array
+    comes back as Keyed, by its bytes)."""
     tensor, key, factors = _unpack(features)
     if not (cfg.frozen_layer4 and tensor.dim() == 6):  # keyed once: the caller need not hash the bytes again
         return features if isinstance(features, (FeatureCache, Keyed)) else Keyed(tensor, key, factors)
@@ -510,7 +511,7 @@ class Variant:
 def ablation_variants(factors) -> list[Variant]:
     """The paper's ablations over the factor values of the features (factor 1 = the unmagnified frame)."""
     factors = [float(f) for f in factors]
-    magnified = tuple(k for k, f in enumerate(factors) if f != 1.0)
+    magnified = tuple(magnified_slots(factors))
     if not magnified:
         raise ValueError(f"factors {factors} hold no magnified factor (1 is the unmagnified frame): AMAN would be "
                          "left without factors; extract features with factors > 1")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from amanlib import timing
-from amanlib.results import read_timing, readme_table, render_readme
+from amanlib.results import readme_table, render_readme
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = json.loads((REPO / "results" / "metrics.json").read_text())
@@ -51,7 +51,7 @@ def test_readme_table_is_the_committed_metrics(tmp_path):
 
 
 def test_readme_timing_is_the_committed_timing(tmp_path):
-    committed = read_timing(REPO / "results")
+    committed = timing.read(REPO / "results")
     assert committed is not None, "results/timing.json is missing: `make reproduce` writes it"
     assert set(committed["notebooks"]) == {p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")}
     readme = tmp_path / "README.md"
