@@ -112,13 +112,13 @@ class Backbone:
 
 
 def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work", fer_checkpoint=None,
-                    seed: int = 0, data_dir: str | Path = "data", pretrain_epochs: int = 10,
-                    device="auto", precision: str = "fp32", trunk_bn: str = "running",
+                    seed: int = 0, data_dir: str | Path = "data", pretrain_epochs: int | None = None,
+                    device="auto", precision: str = "auto", trunk_bn: str = "running",
                     download_fer: bool = True) -> Backbone:
     """'fer' (the paper's FER+ file), 'synthetic_macro' (the kit's pre-training, cached under work_dir/trunks by
     its inputs), 'random' (drawn from seed), or 'auto': FER+ when fer_checkpoint is given or the verified file is
     in ~/.cache/amanlib (downloaded there when absent and download_fer), else synthetic_macro. trunk_bn: see
-    ResNet18Trunk."""
+    ResNet18Trunk. pretrain_epochs None: PretrainConfig's; precision: runtime.PRECISIONS."""
     from .fer import FER_BLOB_SHA1, default_fer_path, find_fer_checkpoint
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
@@ -139,7 +139,8 @@ def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work
         from .data import make_synthetic_macro
         from .pretrain import PretrainConfig, pretrain_trunk  # it trains a ResNet-18 fed by this module's preprocess
         macro = make_synthetic_macro(Path(data_dir) / "synthetic_macro", seed=seed)
-        trained = pretrain_trunk(macro, Path(work_dir) / "trunks", PretrainConfig(epochs=pretrain_epochs, seed=seed,
+        epochs = PretrainConfig.epochs if pretrain_epochs is None else pretrain_epochs
+        trained = pretrain_trunk(macro, Path(work_dir) / "trunks", PretrainConfig(epochs=epochs, seed=seed,
                                                                                  device=device, precision=precision))
         return Backbone(load_trunk(trained.path, bn=trunk_bn), "synthetic_macro", trained.path,
                         f"{fallback}NOT the paper's FER+ backbone: ResNet-18 pre-trained by the kit on {len(macro)} "

@@ -9,6 +9,7 @@ import argparse
 import errno
 import math
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -40,7 +41,9 @@ def _score(args) -> None:
 def _readme(args) -> None:
     from . import timing
     from .results import read_metrics, render_readme
-    changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results))
+    wide = Path(args.results) / "wide"
+    others = [read_metrics(wide)] if (wide / "metrics.json").is_file() else []
+    changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results), others)
     state = "updated" if changed else "already up to date"
     print(f"{args.readme}: results and timing tables {state} from {args.results}")
 

@@ -165,15 +165,15 @@ def factor_set(factors=None, include_unmagnified: bool = True) -> list[float]:
 
 def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root: str | Path,
                         magnifier_name: str = "", size: int | None = None, batch_size: int = 64, device="auto",
-                        precision: str = "fp32", progress: bool = True, executor="local") -> FeatureCache:
+                        precision: str = "auto", progress: bool = True, executor="local") -> FeatureCache:
     """Magnify every clip and run the trunk into root/<key>/features.f16 ([N, F, K, 256, 14, 14] float16).
 
     The key covers every frame file read (by content), onset/apex, factors, magnifier, size and trunk, so
     changed inputs get a folder of their own. Clips already done are skipped: an interrupted run resumes.
     `backbone` is an amanlib.backbone.Backbone (its name and checkpoint are kept with the cache, for
-    layer4) or a bare trunk module. `precision` is the trunk's (fp32, bf16, or auto: bf16 where the device
-    has it natively); the magnifier has its own (magnify.magnifier_for). `executor` ('local', 'ray' or an
-    amanlib.executors Executor) computes the clips, each worker setting up magnifier and trunk once.
+    layer4) or a bare trunk module. `precision` is the trunk's (runtime.PRECISIONS; auto: bf16 where the
+    device has it natively, else fp32); the magnifier has its own (magnify.magnifier_for). `executor` ('local',
+    'ray' or an amanlib.executors Executor) computes the clips, each worker setting up magnifier and trunk once.
     """
     trunk = getattr(backbone, "trunk", backbone)
     autocast_dtype = resolve_precision(precision, device)

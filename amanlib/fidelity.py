@@ -72,7 +72,7 @@ DIFFERENCES = [  # what, the authors' file, the kit's option, the authors' behav
      "DataParallel over 4 GPUs by default: BatchNorm statistics per GPU's share of the batch",
      "one device: statistics over the whole batch (their single-GPU behaviour)"),
     ("Compute precision", "all", "`precision`", "fp32",
-     "`auto`: bf16 where the CPU or GPU has it natively; the synthetic default pins bf16"),
+     "`auto`: bf16 where the CPU or GPU has it natively, else fp32 (never emulated); recorded in metrics.json"),
     ("Frames and factors", "the paper", "`n_frames`, `factors`",
      "10-11 frames, 9 factors (their shape comments; the values are not published)",
      "2 frames and 5 factors over 2-12 (their demo's range) by default, sized for 5 seeds in 5 minutes on a CPU; "

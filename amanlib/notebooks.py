@@ -186,7 +186,7 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
             stages[book.stem] = timing.notebook_stages(out_dir / book.name, seconds)
             log(f"finished {book.name} in {seconds:.0f} s")
             done.append(out_dir / book.name)
-        timing.record(results_dir, stages)
+        timing.record(results_dir, stages, values.get("device", "auto"))
     log(timing.table(stages))
     return done
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .fidelity import FIDELITIES, PRESETS, preset_name
+from .runtime import PRECISIONS, resolve_precision
+from .data.synthetic import REGIMES
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,9 @@ _PARAMS = [
           path=PathRole.OUTPUT),
     Param("synthetic_subjects", Kind.INT, 32, (_DATA,), "subjects in the synthetic set", min=2),
     Param("synthetic_clips_per_subject", Kind.INT, 9, (_DATA,), "clips per subject in the synthetic set", min=1),
+    Param("synthetic_regime", Kind.CHOICE, "narrow", (_DATA,),
+          "range of motion of the synthetic set: narrow (about 0.3-2 px) or wide (about 0.1-8 px; README: the "
+          "synthetic regimes)", choices=REGIMES),
     _optional_path("casme2_coding", PathRole.FILE, (_DATA,),
                    "CASME II coding sheet, e.g. .../CASME2-coding-20140508.xlsx"),
     _optional_path("casme2_frames", PathRole.FOLDER, (_DATA,), "CASME II frames, e.g. .../CASME2/Cropped"),
@@ -185,9 +190,9 @@ _PARAMS = [
     Param("download_fer", Kind.BOOL, True, (_FEAT,),
           "backbone auto: fetch (and verify) the paper's FER+ file into ~/.cache/amanlib when it is absent"),
     Param("precision", Kind.CHOICE, "auto", (_FEAT,),
-          "compute dtype of the pre-training, the magnifier and the trunk: fp32, bf16, or auto (bf16 where the "
-          "device has it natively, else fp32)",
-          choices=("fp32", "bf16", "auto")),
+          "compute dtype of the pre-training, the magnifier and the trunk: auto (bf16 where the device has it "
+          "natively, else fp32), fp32, bf16 (refused where it would be emulated) or bf16_emulated (bf16 anyway)",
+          choices=PRECISIONS),
     Param("fidelity", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
           "the authors' BatchNorm and layer4 choices (authors), the kit's (kit), or auto: authors on real data, "
           "kit on the synthetic set (README: Fidelity to the authors' code)", choices=FIDELITIES),
@@ -416,6 +421,11 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
                         "executor 'ray'")
     if effective.get("executor") == "ray" and importlib.util.find_spec("ray") is None:
         problems.append(f"executor ({where('executor')}): 'ray' needs the ray package: pip install -e '.[ray]'")
+    if effective.get("precision") == "bf16":  # refused before any work where the device would emulate it
+        try:
+            resolve_precision("bf16", effective.get("device", "auto"))
+        except ValueError as e:
+            problems.append(f"precision ({where('precision')}): {e}")
     fidelity = effective.get("fidelity")
     if effective.get("backbone") == "random" and fidelity in FIDELITIES \
             and PRESETS[preset_name(fidelity, dataset == "synthetic")].layer4_init == "backbone":

@@ -10,6 +10,8 @@ import seaborn as sns
 import torch
 from sklearn.metrics import confusion_matrix
 
+from .oracle import is_control
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 
@@ -211,11 +213,16 @@ def ablation_ci_bars(summary: pd.DataFrame, title: str, metrics=("uf1", "uar")):
         mean = summary[metric].to_numpy()
         err = np.stack([mean - summary[f"{metric}_ci_lo"].to_numpy(), summary[f"{metric}_ci_hi"].to_numpy() - mean])
         ax.bar(x + (j - (len(metrics) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=metric)
-    ax.set_xticks(x, variants, rotation=30, ha="right")
+    ax.set_xticks(x, [_labelled(v) for v in variants], rotation=30, ha="right")
     ax.set(title=title, ylim=(0, 1), ylabel="score (mean over seeds, 95% CI)")
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _labelled(variant: str) -> str:
+    """A variant's axis label: the oracle is marked as the positive control it is."""
+    return f"{variant}\n[positive control]" if is_control(variant) else variant
 
 
 def comparisons_forest(comparisons: pd.DataFrame, title: str):
@@ -229,7 +236,7 @@ def comparisons_forest(comparisons: pd.DataFrame, title: str):
         y = np.arange(len(part))[::-1]
         ax.errorbar(part["diff"], y, xerr=[part["diff"] - lo, hi - part["diff"]], fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=1, ls="--")
-        ax.set_yticks(y, part["b"])
+        ax.set_yticks(y, [_labelled(b) for b in part["b"]])
         ax.set(title=f"{metric}: {part['a'].iloc[0]} minus variant", xlabel="difference (95% CI)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -243,5 +250,47 @@ def mechanism_scatter(truth_px: np.ndarray, preferred: np.ndarray, result: dict,
     ax.set(xlabel="true peak displacement (px)", ylabel="preferred factor (alpha-weighted)",
            title=f"{title}\nSpearman rho {result['spearman_r']:.2f} (95% CI {result['ci'][0]:.2f} to "
                  f"{result['ci'][1]:.2f}, p {result['p_value']:.3g}, n {result['n']})")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_by_motion(table: pd.DataFrame, title: str):
+    """Accuracy per variant (one line each, dodged) over the bins of true motion, with 95% CI error bars
+    (table: stats.accuracy_by_motion or results.by_motion_frame); the oracle dashed, AMAN thick."""
+    bins = list(dict.fromkeys(table["bin"]))
+    variants = list(dict.fromkeys(table["variant"]))
+    ranges = table.drop_duplicates("bin").set_index("bin")
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(bins) + 0.25 * len(variants)), 4.2))
+    width = 0.7 / max(1, len(variants) - 1)
+    for j, variant in enumerate(variants):
+        part = table[table["variant"] == variant].set_index("bin").reindex(bins)
+        x = np.arange(len(bins)) + (j - (len(variants) - 1) / 2) * width
+        err = np.stack([part["accuracy"] - part["accuracy_ci_lo"], part["accuracy_ci_hi"] - part["accuracy"]])
+        ax.errorbar(x, part["accuracy"], yerr=err, marker="o", ms=4, capsize=2, ls="--" if is_control(variant) else "-",
+                    lw=2.5 if variant == "AMAN" else 1, label=_labelled(variant).replace("\n", " "))
+    ax.set_xticks(np.arange(len(bins)), [f"{b}\n{ranges.loc[b, 'px_lo']:.2f}-{ranges.loc[b, 'px_hi']:.2f} px\n"
+                                         f"({ranges.loc[b, 'n_clips']} clips)" for b in bins])
+    ax.set(title=title, xlabel="true peak displacement", ylabel="accuracy (mean over seeds, 95% CI)", ylim=(0, 1))
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def oracle_vs_preferred(per_clip: pd.DataFrame, target_px: float, title: str):
+    """Per clip against its true peak displacement: the factor the oracle chooses (nearest target_px / peak_px
+    among the factors) and AMAN's alpha-weighted preferred factor (per_clip: stats.oracle_vs_preferred)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    peak = per_clip["peak_px"].to_numpy(float)
+    ax.scatter(peak, per_clip["preferred_factor"], s=12, alpha=0.7, label="AMAN: preferred factor (alpha-weighted)")
+    ax.scatter(peak, per_clip["oracle_factor"], s=16, marker="x", color="C3",
+               label=f"oracle (positive control): factor nearest {target_px:g} px / peak")
+    grid = np.linspace(max(peak.min(), 1e-3), peak.max(), 200)
+    ax.plot(grid, target_px / grid, color="grey", lw=1, ls=":", label=f"{target_px:g} px / peak")
+    factors = per_clip["oracle_factor"]
+    ax.set_ylim(0, 1.15 * max(factors.max(), per_clip["preferred_factor"].max()))
+    ax.set(xlabel="true peak displacement (px)", ylabel="magnification factor", title=title)
+    if peak.min() > 0 and peak.max() > 10 * peak.min():  # motions over decades: a log axis
+        ax.set_xscale("log")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -31,7 +31,7 @@ class PretrainConfig:
     val_subjects: int = 4  # held-out subjects for the accuracy we report
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the device has it natively)
+    precision: str = "auto"  # runtime.PRECISIONS: auto takes bf16 only where the device has it natively
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .cache import key_of
 from .metrics import scores, write_megc_log
-from .runtime import atomic_write
+from .oracle import is_control
+from .runtime import atomic_write, machine_info
 
 OPTIMISTIC = "OPTIMISTIC: epoch chosen on the held-out subject's own accuracy (the authors' protocol)"
 INDEX_DTYPES = {"dataset": str, "subject": str, "clip": str}
@@ -31,15 +33,30 @@ def figures_dir(results_dir: str | Path) -> Path:
 def save_index(index: pd.DataFrame, results_dir, sources=None) -> None:
     """The clip table handed from notebook 01 to the others, and what it was made from (index.json)."""
     info = {"dataset": "composite" if index["dataset"].nunique() > 1 else str(index["dataset"].iloc[0]),
-            "label_protocol": getattr(sources, "label_protocol", None), "seed": getattr(sources, "seed", None)}
+            "label_protocol": getattr(sources, "label_protocol", None), "seed": getattr(sources, "seed", None),
+            "synthetic_regime": _regime(sources) if _is_synthetic(index) else None}
     save_json(info, work_dir(results_dir) / "index.json")
     atomic_write(work_dir(results_dir) / "index.csv", lambda tmp: index.to_csv(tmp, index=False))
 
 
+def _is_synthetic(index: pd.DataFrame) -> bool:
+    return bool((index["dataset"] == "synthetic").all())
+
+
+def _regime(sources) -> str | None:
+    """The synthetic regime the sources ask for (narrow, wide, or custom when fields override its motion)."""
+    if sources is None:
+        return None
+    from .data.synthetic import regime_of, synthetic_config
+    overrides = dict(sources.synthetic)
+    return regime_of(synthetic_config(overrides.pop("regime", None) or "narrow", **overrides))
+
+
 def read_index_info(results_dir) -> dict:
-    """dataset, label_protocol and seed of the saved clip table."""
+    """dataset, label_protocol, seed and synthetic regime of the saved clip table."""
     path = Path(results_dir) / "work" / "index.json"
-    return json.loads(path.read_text()) if path.exists() else {"dataset": None, "label_protocol": None, "seed": None}
+    empty = {"dataset": None, "label_protocol": None, "seed": None, "synthetic_regime": None}
+    return {**empty, **json.loads(path.read_text())} if path.exists() else empty
 
 
 def read_index(results_dir) -> pd.DataFrame:
@@ -151,12 +168,20 @@ def attention(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(predictions["alpha"].to_list()), np.stack(predictions["beta"].to_list())
 
 
-def protocol_gap(predictions: pd.DataFrame, epoch_selection: str) -> pd.DataFrame:
-    """Scores of the chosen epoch, the last epoch and the best epoch on each test subject (optimistic)."""
-    p = predictions
-    return pd.DataFrame({f"chosen epoch ({epoch_selection})": scores(p["gt"], p["pred"]),
-                         "last epoch": scores(p["gt"], p["pred_last"]),
-                         "best epoch on test subject (optimistic)": scores(p["gt"], p["pred_best_test"])}).T
+def protocol_gap(runs, epoch_selection: str) -> pd.DataFrame:
+    """Scores of the chosen epoch, the last epoch and the best epoch on each test subject (optimistic), each the
+    mean over the runs of its per-run scores, so every row compares the same runs and the chosen epoch matches
+    metrics.json's seed mean. `runs`: LOSOResults or their predictions (one per seed, as aman_runs gives), or
+    one predictions table whose `seed` column tells the runs apart."""
+    if isinstance(runs, pd.DataFrame):
+        runs = [p for _, p in runs.groupby("seed")] if "seed" in runs else [runs]
+    if not runs:
+        raise ValueError("protocol_gap: no runs given; pass results.aman_runs(results_dir, metrics)")
+    columns = {f"chosen epoch ({epoch_selection})": "pred", "last epoch": "pred_last",
+               "best epoch on test subject (optimistic)": "pred_best_test"}
+    predictions = [getattr(r, "predictions", r) for r in runs]
+    return pd.DataFrame({row: pd.DataFrame([scores(p["gt"], p[col]) for p in predictions]).mean()
+                         for row, col in columns.items()}).T.astype({"n": int})
 
 
 def run_title(metrics: dict) -> str:
@@ -200,10 +225,18 @@ def headline(metrics: dict) -> str:
                       indent=1)
 
 
+def _precision_name(dtype: str | None) -> str:
+    """A cache key's recorded autocast dtype by its precision name: 'fp32' (no autocast), 'bf16', else as recorded."""
+    return {str(None): "fp32", str(torch.bfloat16): "bf16"}.get(str(dtype), str(dtype))
+
+
 def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.DataFrame, comparisons: pd.DataFrame,
-                    mechanism: dict | None, reference: str = "AMAN") -> dict:
+                    mechanism: dict | None, reference: str = "AMAN", oracle: dict | None = None,
+                    by_motion: pd.DataFrame | None = None) -> dict:
     """Write metrics.json anew from a sweep (every variant x seed) and its statistics: everything in it comes
-    from the runs, their features and the clip table they were trained on, so no field can describe another run."""
+    from the runs, their features and the clip table they were trained on, so no field can describe another run.
+    On synthetic data also `oracle` (stats.oracle_check: the positive control against the best single factor)
+    and `by_motion` (stats.accuracy_by_motion, as by_motion_record writes it); None on real data."""
     runs = {seed: run for (variant, seed), run in sweep.runs.items() if variant == reference}
     seeds = sorted(runs)
     first = runs[seeds[0]]
@@ -222,11 +255,12 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
     optimistic = pd.DataFrame([scores(r.predictions["gt"], r.predictions["pred_best_test"]) for r in runs.values()])
     subsets = sweep.scores[(sweep.scores["variant"] == reference)].groupby("subset")[["uf1", "uar", "accuracy"]].mean()
     fields = {
-        "dataset": info["dataset"], "label_protocol": info["label_protocol"],
+        "dataset": info["dataset"], "synthetic_regime": info["synthetic_regime"], "label_protocol": info["label_protocol"],
         "epoch_selection": cfg["epoch_selection"], "optimistic": first.optimistic,
         "model": "AMAN, frozen layer4" if cfg["frozen_layer4"] else "AMAN", "backbone": cache.backbone["name"],
         "magnifier": cache.inputs["magnifier"]["name"], "factors": cache.factors, "n_frames": cache.inputs["n_frames"],
-        "precision": {"magnifier": cache.inputs["magnifier"]["dtype"], "trunk": cache.inputs["trunk"]["dtype"]},
+        "precision": {part: _precision_name(cache.inputs[part]["dtype"]) for part in ("magnifier", "trunk")},
+        "machine": machine_info(cfg.get("device", "auto")),
         "clips": len(index), "subjects": int((index.dataset + "/" + index.subject).nunique()),
         "seed": info["seed"], "seeds": seeds,
         "uf1": aman["uf1"], "uar": aman["uar"], "accuracy": aman["accuracy"],
@@ -238,6 +272,8 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
             {"a": r.a, "b": r.b, "metric": r.metric, "diff": float(r.diff), "ci": [float(x) for x in r.ci],
              "p_value": float(r.p_value)} for r in comparisons.itertuples()],
         "mechanism": mechanism,
+        "oracle": oracle,
+        "by_motion": by_motion_record(by_motion),
         "method": STATS_METHOD,
         "fidelity": _fidelity(cache, cfg),
         "run_dir": first.out_dir,
@@ -267,7 +303,9 @@ def comparisons_text(comparisons) -> str:
         return "; ".join(f"{r.b} ({r.diff:+.3f}, CI {r.ci[0]:+.3f} to {r.ci[1]:+.3f}, p {r.p_value:.3g})" for r in rows)
 
     lines = []
-    for metric, part in pd.DataFrame(comparisons).groupby("metric", sort=False):
+    table = pd.DataFrame(comparisons)
+    controls = table[table["b"].map(is_control)]  # the oracle reads the truth: stated apart, never beaten or lost to
+    for metric, part in table.drop(controls.index).groupby("metric", sort=False):
         above = [r for r in part.itertuples() if r.ci[0] > 0]
         below = [r for r in part.itertuples() if r.ci[1] < 0]
         a, unclear = part["a"].iloc[0], len(part) - len(above) - len(below)
@@ -275,15 +313,19 @@ def comparisons_text(comparisons) -> str:
                      + " and lower than " + (said(below) if below else "no variant")
                      + f", each with a 95% CI excluding zero; for the other {unclear} variants the data cannot tell "
                      "the difference from zero.")
+    for metric, part in controls.groupby("metric", sort=False):
+        lines.append(f"**{metric.upper()}, against the positive control** (each clip's factor chosen from the "
+                     f"synthetic truth, not a method): {part['a'].iloc[0]} minus " + said(part.itertuples()) + ".")
     return "\n\n".join(lines)
 
 
 def variant_table(metrics: dict) -> pd.DataFrame:
-    """Per variant: mean UF1/UAR with 95% CIs, and the difference to AMAN with its CI and p-value."""
+    """Per variant: mean UF1/UAR with 95% CIs, and the difference to AMAN with its CI and p-value; the oracle is
+    named a positive control."""
     diffs = {(c["b"], c["metric"]): c for c in metrics["comparisons"]}
     rows = []
     for variant, a in metrics["ablations"].items():
-        row = {"variant": variant}
+        row = {"variant": f"{variant}: positive control" if is_control(variant) else variant}
         for m in ("uf1", "uar"):
             row[m.upper()] = f"{a[m]:.3f} [{a[m + '_ci'][0]:.3f}, {a[m + '_ci'][1]:.3f}]"
             c = diffs.get((variant, m))
@@ -293,13 +335,85 @@ def variant_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BY_MOTION_METHOD = ("Bins: quantiles of the clips' true peak displacement (tertiles; a clip on a cut point in the "
+                    "lower bin). Accuracy: mean over seeds on the bin's clips; 95% CI: the subject-and-seed bootstrap "
+                    "over the subjects with clips in the bin.")
+
+
+def by_motion_record(table: pd.DataFrame | None) -> dict | None:
+    """metrics.json's `by_motion` from stats.accuracy_by_motion: the bins (px range, clips), per variant and bin
+    the accuracy, its CI and clips, and the most accurate single factor per bin."""
+    if table is None:
+        return None
+    bins = table.drop_duplicates("bin")
+    return {"bins": {r.bin: {"px": [float(r.px_lo), float(r.px_hi)], "n_clips": int(r.n_clips)}
+                     for r in bins.itertuples()},
+            "variants": {v: {r.bin: {"accuracy": float(r.accuracy), "ci": [float(r.accuracy_ci_lo),
+                                                                         float(r.accuracy_ci_hi)],
+                                     "n_clips": int(r.n_clips)} for r in part.itertuples()}
+                         for v, part in table.groupby("variant", sort=False)},
+            "best_single_factor_by_bin": {r.bin: r.variant for r in table[table["best_single_factor"]].itertuples()},
+            "method": BY_MOTION_METHOD}
+
+
+def by_motion_frame(metrics: dict) -> pd.DataFrame | None:
+    """metrics.json's `by_motion` as a long table (variant, bin, px_lo, px_hi, n_clips, accuracy, accuracy_ci_lo,
+    accuracy_ci_hi, best_single_factor), as stats.accuracy_by_motion returned it; None on real data."""
+    record = metrics.get("by_motion")
+    if not record:
+        return None
+    best = record["best_single_factor_by_bin"]
+    return pd.DataFrame([{"variant": v, "bin": b, "px_lo": record["bins"][b]["px"][0],
+                          "px_hi": record["bins"][b]["px"][1], "n_clips": e["n_clips"], "accuracy": e["accuracy"],
+                          "accuracy_ci_lo": e["ci"][0], "accuracy_ci_hi": e["ci"][1],
+                          "best_single_factor": best.get(b) == v}
+                         for v, per_bin in record["variants"].items() for b, e in per_bin.items()])
+
+
+def by_motion_table(metrics: dict) -> pd.DataFrame | None:
+    """Accuracy by true motion for display: a row per variant (the oracle named a positive control), a column per
+    bin (its px range and clips), cells 'mean [95% CI]', the best single factor of each bin starred."""
+    frame = by_motion_frame(metrics)
+    if frame is None:
+        return None
+    column = {b: f"{b} motion ({e['px'][0]:.2f}-{e['px'][1]:.2f} px, {e['n_clips']} clips)"
+              for b, e in metrics["by_motion"]["bins"].items()}
+    cells = frame.assign(
+        variant=frame["variant"].map(lambda v: f"{v}: positive control" if is_control(v) else v),
+        column=frame["bin"].map(column),
+        cell=[f"{r.accuracy:.3f} [{r.accuracy_ci_lo:.3f}, {r.accuracy_ci_hi:.3f}]" + (" *" if r.best_single_factor
+                                                                                   else "")
+              for r in frame.itertuples()])
+    return cells.pivot(index="variant", columns="column", values="cell").reindex(
+        index=list(dict.fromkeys(cells["variant"])), columns=list(column.values()))
+
+
+def oracle_text(oracle: dict | None) -> str:
+    """The positive control in words: the oracle's target and choices, and the oracle minus the best single factor."""
+    if not oracle:
+        return "No oracle: it needs the synthetic truth and the single-factor variants."
+    diffs = "; ".join(f"{c['metric'].upper()} {c['diff']:+.3f} (95% CI {c['ci'][0]:+.3f} to {c['ci'][1]:+.3f}, "
+                      f"p {c['p_value']:.3g})" for c in oracle["minus_best_single_factor"])
+    chosen = ", ".join(f"x{f}: {n}" for f, n in oracle["chosen_factors"].items())
+    lines = [f"**Positive control, not a method**: `{oracle['variant']}` gives each clip the magnified factor whose "
+             f"factor x true peak displacement is nearest {oracle['target_px']:g} px (fixed in advance; clips per "
+             f"factor: {chosen}). Oracle minus the best single factor ({oracle['best_single_factor']}, chosen on the "
+             f"same test data, which is conservative for the oracle): {diffs}."]
+    for e in oracle.get("sensitivity", []):
+        c = next(c for c in e["minus_best_single_factor"] if c["metric"] == "uf1")
+        lines.append(f"Sensitivity, target {e['target_px']:g} px: UF1 minus {oracle['best_single_factor']} "
+                     f"{c['diff']:+.3f} (95% CI {c['ci'][0]:+.3f} to {c['ci'][1]:+.3f}).")
+    return "\n\n".join(lines)
+
+
 def readme_table(metrics: dict) -> str:
     """README's results block, rendered from metrics.json: the run in one line, the table of variants, the
     half-width of the key comparison, the mechanism check and the method."""
     table = variant_table(metrics)
     head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
     rows = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
-    run = (f"{metrics['model']} on {metrics['dataset']} ({metrics['clips']} clips, {metrics['subjects']} subjects, "
+    regime = f", {metrics['synthetic_regime']} regime" if metrics.get("synthetic_regime") else ""
+    run = (f"{metrics['model']} on {metrics['dataset']}{regime} ({metrics['clips']} clips, {metrics['subjects']} subjects, "
            f"label protocol {metrics['label_protocol']}), epoch selection {metrics['epoch_selection']}, backbone "
            f"{metrics['backbone']}, magnifier {metrics['magnifier']} at factors {metrics['factors']}, "
            f"{metrics['n_frames']} frames, training seeds {metrics['seeds']}.")
@@ -317,22 +431,58 @@ def readme_table(metrics: dict) -> str:
     return "\n\n".join(notes) + "\n"
 
 
+def _diff(c: dict) -> str:
+    return f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+
+
+def regime_verdict(metrics: dict) -> str:
+    """One regime's answer to AMAN's claim in a paragraph, UF1 differences with 95% CIs: AMAN against the best single
+    factor, no magnification and the oracle; the oracle against the best single factor (can adapting pay at all?);
+    the best single factor per tertile of true motion; the mechanism check."""
+    uf1 = {c["b"]: c for c in metrics["comparisons"] if c["metric"] == "uf1"}
+    singles = {v: a["uf1"] for v, a in metrics["ablations"].items() if v.startswith("single factor")}
+    best = max(singles, key=singles.get)
+    said = [f"AMAN minus the best single factor ({best}) {_diff(uf1[best])}"]
+    if "no magnification" in uf1:
+        said.append(f"minus no magnification {_diff(uf1['no magnification'])}")
+    oracle = metrics.get("oracle")
+    if oracle:
+        said.append(f"minus the oracle {_diff(uf1[oracle['variant']])}")
+        control = next(c for c in oracle["minus_best_single_factor"] if c["metric"] == "uf1")
+        said.append(f"oracle (target {oracle['target_px']:g} px) minus {oracle['best_single_factor']} {_diff(control)}")
+    by_motion = metrics.get("by_motion")
+    if by_motion:
+        said.append("best single factor by tertile of true motion: " + ", ".join(
+            f"{b} ({by_motion['bins'][b]['px'][0]:.2f}-{by_motion['bins'][b]['px'][1]:.2f} px) "
+            f"{v.replace('single factor ', 'x')}" for b, v in by_motion["best_single_factor_by_bin"].items()))
+    if metrics.get("mechanism"):
+        m = metrics["mechanism"]
+        said.append(f"mechanism rho {m['spearman_r']:+.2f} [{m['ci'][0]:+.2f}, {m['ci'][1]:+.2f}]")
+    regime = metrics.get("synthetic_regime") or metrics["dataset"]
+    return f"**{regime}** ({metrics['clips']} clips, {metrics['subjects']} subjects; UF1): " + "; ".join(said) + "."
+
+
+REGIMES_START = "<!-- regimes: rendered from results/metrics.json and results/wide/metrics.json -->"
+REGIMES_END = "<!-- end of regimes -->"
 README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
 TIMING_START, TIMING_END = "<!-- timing: rendered from results/timing.json -->", "<!-- end of timing -->"
 DIFFERENCES_START = "<!-- differences from the authors' code: rendered from amanlib/fidelity.py -->"
 DIFFERENCES_END = "<!-- end of differences -->"
 
 
-def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None) -> bool:
-    """Replace README's results table, its timing table (when `timing`, a results/timing.json, is given) and its
-    table of differences from the authors' code (each between its markers) by the ones rendered from metrics,
-    timing and amanlib.fidelity; True if README changed."""
+def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None, others: list[dict] = ()) -> bool:
+    """Replace README's results table, its timing table (when `timing`, a results/timing.json, is given), its
+    verdict per synthetic regime (metrics and `others`, e.g. results/wide/metrics.json) and its table of
+    differences from the authors' code (each between its markers) by the ones rendered from metrics, timing and
+    amanlib.fidelity; True if README changed."""
     from . import timing as timings
     from .fidelity import differences_markdown
     readme = Path(readme)
     text = new = readme.read_text()
     blocks = [(README_START, README_END, readme_table(metrics)),
-              (DIFFERENCES_START, DIFFERENCES_END, differences_markdown())]
+              (DIFFERENCES_START, DIFFERENCES_END, differences_markdown()),
+              (REGIMES_START, REGIMES_END, "".join(regime_verdict(m) + "\n\n" for m in (metrics, *others)).rstrip()
+               + "\n")]
     if timing is not None:
         blocks.append((TIMING_START, TIMING_END, timings.markdown(timing)))
     for start, end, block in blocks:

@@ -1,5 +1,6 @@
 """Statistics for comparing variants trained with several seeds under LOSO: subject-and-seed bootstrap CIs of
-UF1/UAR/accuracy, paired differences with a subject sign-flip test, and the Spearman check of the mechanism.
+UF1/UAR/accuracy, paired differences with a subject sign-flip test, the Spearman check of the mechanism and,
+on synthetic data, the oracle against the best single factor and accuracy by tertile of the true motion.
 
 The unit of resampling is the subject (`dataset/subject`): its clips are not independent and LOSO folds are
 subjects. Scores of pooled clips depend only on their confusion matrix, so every resample is computed from
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
+
+from .oracle import CONTROL_NOTE, ORACLE_TARGET_PX, ORACLE_VARIANT, oracle_choice
 
 PREDICTION_COLUMNS = ("variant", "seed", "dataset", "subject", "clip", "gt", "pred")
 METRICS = ("uf1", "uar", "accuracy")
@@ -339,3 +342,112 @@ def mechanism_text(result: dict) -> str:
     if lo > 0:
         return head + "larger motions prefer larger factors, the opposite of the paper's premise."
     return head + "no monotone relation between motion and preferred factor that these data can detect."
+
+
+SINGLE_FACTOR = "single factor "  # the prefix of the single-factor variants (train.ablation_variants)
+MOTION_BINS = {2: ("small", "large"), 3: ("small", "mid", "large")}
+
+
+def single_factors(variants) -> list[str]:
+    """The single-factor variants among variant names, in their order."""
+    return [v for v in variants if str(v).startswith(SINGLE_FACTOR)]
+
+
+def best_single_factor(summary: pd.DataFrame, metric: str = "uf1") -> str | None:
+    """The single factor with the highest seed-mean score in a bootstrap_scores table (chosen on the same test
+    data, so it flatters the single factors: a comparison against it is conservative); None without one."""
+    names = single_factors(summary.index)
+    return str(summary.loc[names, metric].idxmax()) if names else None
+
+
+def _peak_per_clip(df: pd.DataFrame, truth: pd.DataFrame) -> pd.Series:
+    """The true peak displacement of each clip (`_clip` keys of checked predictions), from the truth table."""
+    clips = df.drop_duplicates("_clip")[["_clip", "subject", "clip"]].astype(str)
+    merged = clips.merge(truth[["subject", "clip", "peak_px"]].astype({"subject": str, "clip": str}),
+                         on=["subject", "clip"], how="left", validate="1:1")
+    if merged["peak_px"].isna().any():
+        raise ValueError(f"accuracy_by_motion: the truth lacks {int(merged['peak_px'].isna().sum())} clips of the "
+                         "predictions")
+    return pd.Series(merged["peak_px"].to_numpy(float), index=merged["_clip"])
+
+
+def motion_bins(peak_px, n_bins: int = 3) -> tuple[np.ndarray, list[str]]:
+    """Quantile bins of the clips' true peak displacement: cut points at the 1/n_bins quantiles of the clips, a
+    clip on a cut point in the lower bin (so equal motions share a bin and every clip is in one) -> bin number
+    per clip and the bin names (small, mid, large for tertiles)."""
+    peak = np.asarray(peak_px, dtype=float)
+    if isinstance(n_bins, bool) or int(n_bins) != n_bins or n_bins < 2:
+        raise ValueError(f"n_bins must be an integer >= 2, got {n_bins!r}")
+    cuts = np.quantile(peak, np.arange(1, n_bins) / n_bins)
+    names = MOTION_BINS.get(n_bins) or [f"bin {i + 1} of {n_bins}" for i in range(n_bins)]
+    return np.searchsorted(cuts, peak, side="left"), list(names)
+
+
+def accuracy_by_motion(predictions: pd.DataFrame, truth: pd.DataFrame | None, n_bins: int = 3,
+                       n_resamples: int = 2000, seed: int = 0, level: float = 0.95) -> pd.DataFrame | None:
+    """Per variant and bin of the true motion (motion_bins: tertiles of the clips' peak_px by default), the
+    seed-mean accuracy on the bin's clips with its 95% CI from bootstrap_scores' subject-and-seed bootstrap over
+    the subjects with clips in the bin; `best_single_factor` marks the single factor most accurate in each bin.
+    Accuracy is a share of clips, so the bins' accuracies weighted by their clips give the overall one (per seed
+    and in the seed mean). None without truth (real data)."""
+    if truth is None:
+        return None
+    df = _check_predictions(predictions)
+    peak = _peak_per_clip(df, truth)
+    codes, names = motion_bins(peak.to_numpy(), n_bins)
+    code = pd.Series(codes, index=peak.index)
+    rows = []
+    for b, name in enumerate(names):
+        clips = code.index[code.to_numpy() == b]
+        if not len(clips):  # equal cut points (many equal motions) leave a bin empty
+            continue
+        part = bootstrap_scores(predictions[df["_clip"].isin(clips).to_numpy()], n_resamples, seed, level)
+        rows.append(pd.DataFrame({
+            "variant": part.index, "bin": name, "px_lo": peak[clips].min(), "px_hi": peak[clips].max(),
+            "n_clips": len(clips), "n_subjects": part["n_subjects"].to_numpy(), "accuracy": part["accuracy"].to_numpy(),
+            "accuracy_ci_lo": part["accuracy_ci_lo"].to_numpy(), "accuracy_ci_hi": part["accuracy_ci_hi"].to_numpy()}))
+    out = pd.concat(rows, ignore_index=True)
+    singles = out[out["variant"].isin(single_factors(out["variant"].unique()))]
+    best = singles.loc[singles.groupby("bin", sort=False)["accuracy"].idxmax()].index if len(singles) else []
+    out["best_single_factor"] = out.index.isin(best)
+    return out
+
+
+def oracle_check(sweep, summary: pd.DataFrame, n_resamples: int = 2000, n_permutations: int = 10000, seed: int = 0,
+                 level: float = 0.95) -> dict | None:
+    """The oracle (a positive control, amanlib.oracle) against the best single factor: per oracle in the sweep
+    its target, how many clips got each factor, its seed-mean UF1/UAR with CIs and the oracle minus the best
+    single factor (paired_comparisons with the oracle as reference). The best single factor is the one with the
+    highest seed-mean UF1 on the same test data, which flatters it: conservative for the oracle. None without an
+    oracle or a single factor (real data, or no ablations)."""
+    best = best_single_factor(summary)
+    if getattr(sweep, "oracle", None) is None or best is None:
+        return None
+    entries = []
+    for name, choice in sweep.oracle.groupby("variant", sort=False):
+        pair = sweep.predictions[sweep.predictions["variant"].isin([name, best])]
+        counts = choice.groupby("factor").size()
+        row = summary.loc[name]
+        entries.append({
+            "variant": name, "target_px": float(choice["target_px"].iloc[0]),
+            "chosen_factors": {f"{f:g}": int(n) for f, n in counts.items()},
+            **{m: float(row[m]) for m in ("uf1", "uar", "accuracy")},
+            **{f"{m}_ci": [float(row[f"{m}_ci_lo"]), float(row[f"{m}_ci_hi"])] for m in ("uf1", "uar")},
+            "minus_best_single_factor": paired_comparisons(pair, name, ("uf1", "uar"), n_resamples, n_permutations,
+                                                           seed, level)})
+    main = next((e for e in entries if e["variant"] == ORACLE_VARIANT), entries[0])
+    return {"role": CONTROL_NOTE, **main,
+            "target": "the magnified peak displacement (px at the clip's resolution) each clip's factor is chosen to "
+                      "come nearest, fixed before any run",
+            "best_single_factor": best,
+            "best_single_factor_rule": "the single factor with the highest seed-mean UF1 on the same test data "
+                                       "(it flatters the single factor: conservative for the oracle)",
+            "sensitivity": [e for e in entries if e is not main]}
+
+
+def oracle_vs_preferred(runs, truth: pd.DataFrame, factors, target_px: float = ORACLE_TARGET_PX) -> pd.DataFrame:
+    """Per clip: subject, true peak displacement, AMAN's preferred factor (mechanism_data over `runs`, AMAN's
+    seeds) and the factor the oracle chooses for target_px from the truth."""
+    chosen = oracle_choice(truth, factors, target_px)[["subject", "clip", "factor"]]
+    return mechanism_data(runs, truth).merge(chosen.rename(columns={"factor": "oracle_factor"}),
+                                             on=["subject", "clip"], how="left", validate="1:1")

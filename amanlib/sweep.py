@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .cache import Entry
+from .cache import Entry, key_of
 from .executors import as_executor
 from .metrics import uf1
 from .model import AMAN
+from .oracle import ORACLE_TARGET_PX, oracle_choice, oracle_name
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix, _inner_val_subject, _unpack,
@@ -49,6 +50,7 @@ class SweepResult:
     history: pd.DataFrame
     scores: pd.DataFrame  # variant, seed, subset, uf1, uar, accuracy, n
     runs: dict[tuple[str, int], LOSOResult]
+    oracle: pd.DataFrame | None = None  # the oracle's choice per clip (oracle.oracle_choice) when it was trained
 
 
 def _seeds(seeds) -> list[int]:
@@ -77,9 +79,9 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
     features = prepare_features(features, cfg, runs_dir, progress)
     tensor, key, known = _unpack(features)
     factors = [float(f) for f in factors] if factors is not None else known
-    if factors is None:
+    if factors is None and variants is None:
         raise ValueError("run_sweep: pass the factor values of these features (factors=...)")
-    if len(factors) != tensor.shape[2]:
+    if factors is not None and len(factors) != tensor.shape[2]:
         raise ValueError(f"{len(factors)} factor values given for features with {tensor.shape[2]} factor slots")
     if len(tensor) != len(index):
         raise ValueError(f"features hold {len(tensor)} clips but the index has {len(index)} rows")
@@ -100,16 +102,69 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
 
 def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
                   runs_dir: str | Path = "results/work/runs", variants: list[Variant] | None = None,
-                  seeds=None, progress: bool = True, executor="local") -> tuple[pd.DataFrame, SweepResult]:
+                  seeds=None, progress: bool = True, executor="local", truth: pd.DataFrame | None = None,
+                  oracle_target_px=ORACLE_TARGET_PX) -> tuple[pd.DataFrame, SweepResult]:
     """run_sweep over the paper's ablations (default seeds: cfg.seed alone) and the table of UF1 / UAR /
-    accuracy per variant, seed and subset."""
+    accuracy per variant, seed and subset. With the synthetic truth (data.truth_for(index); None on real data)
+    and single factors among the variants, the oracle too (run_oracle at oracle_target_px): a positive control
+    whose runs join the sweep's as variant `oracle factor (truth)`, never a method."""
     cfg = cfg or TrainConfig()
-    result = run_sweep(features, index, cfg, variants, seeds if seeds is not None else [cfg.seed], runs_dir, factors,
-                       progress, executor)
+    seeds = seeds if seeds is not None else [cfg.seed]
+    result = run_sweep(features, index, cfg, variants, seeds, runs_dir, factors, progress, executor)
+    if truth is not None and any(_single_factor(r.config) for r in result.runs.values()):
+        oracle = run_oracle(features, index, truth, factors, cfg, runs_dir, seeds, oracle_target_px, progress, executor)
+        result = dataclasses.replace(_gather({**result.runs, **oracle.runs}), oracle=oracle.oracle)
     table = result.scores.drop(columns="epoch_selection")[["variant", "seed", "subset", "uf1", "uar", "accuracy", "n"]]
     table = table.assign(model=model_name(cfg), epoch_selection=cfg.epoch_selection
                          + (" (optimistic)" if cfg.optimistic else ""))
     return table, result
+
+
+def _single_factor(config: dict) -> bool:
+    """Whether a run's config is a single magnified factor with both attentions, as the single-factor variants."""
+    return len(config.get("factors") or []) == 1 and config["factors"][0] > 1 and config["use_alpha"] \
+        and config["use_beta"]
+
+
+def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
+               runs_dir: str | Path = "results/work/runs", seeds=(0,), target_px=ORACLE_TARGET_PX,
+               progress: bool = True, executor="local") -> SweepResult:
+    """The oracle (amanlib.oracle), a positive control: each clip's features at the factor slot chosen from the
+    synthetic truth alone (never labels) for target_px, gathered into a one-slot tensor (pooled [N, F, 1, 512] on
+    the frozen-layer4 path, [N, F, 1, C, H, W] for the full model) keyed by the upstream key, the chosen slots and
+    the target, and trained by run_sweep like a single factor: the same folds, seeds and settings, batched and
+    cached. Its standardisation is over its own slot (a single factor's is over every slot of its features).
+    A list of targets trains one oracle per target (variant oracle.oracle_name(target); one target: always
+    `oracle factor (truth)`). `.oracle` holds the choice per clip."""
+    cfg = cfg or TrainConfig()
+    index = index.reset_index(drop=True)
+    prepared = prepare_features(features, cfg, runs_dir, progress)
+    tensor, key, known = _unpack(prepared)
+    factors = [float(f) for f in factors] if factors is not None else known
+    if factors is None or len(factors) != tensor.shape[2]:
+        raise ValueError(f"run_oracle: pass the factor values of these features ({tensor.shape[2]} slots), got "
+                         f"{factors}")
+    if len(tensor) != len(index):
+        raise ValueError(f"features hold {len(tensor)} clips but the index has {len(index)} rows")
+    clips = index[["subject", "clip"]].astype(str)
+    aligned = clips.merge(truth[["subject", "clip", "peak_px"]].astype({"subject": str, "clip": str}),
+                          on=["subject", "clip"], how="left", validate="1:1")
+    if aligned["peak_px"].isna().any():
+        raise ValueError(f"run_oracle: the truth lacks {int(aligned['peak_px'].isna().sum())} clips of the index")
+    choice = oracle_choice(aligned, factors, target_px)
+    primary = float(target_px) if np.ndim(target_px) == 0 else ORACLE_TARGET_PX  # the one named ORACLE_VARIANT
+    name = lambda t: oracle_name(t, primary)  # noqa: E731
+    runs = {}
+    for target, part in choice.groupby("target_px", sort=False):
+        slots = part["slot"].to_numpy()
+        one = torch.stack([tensor[i, :, s:s + 1] for i, s in enumerate(slots)])  # N, F, 1, ...: the chosen slots
+        keyed = Keyed(one, key_of({"oracle": key, "slots": slots.tolist(), "target_px": float(target)}), None,
+                      _fix(prepared))
+        runs.update(run_sweep(keyed, index, cfg, [Variant(name(target), (0,))], seeds, runs_dir, None,
+                              progress, executor).runs)
+    choice.insert(0, "variant", choice["target_px"].map(name))
+    choice.insert(1, "dataset", np.tile(index["dataset"].astype(str).to_numpy(), choice["target_px"].nunique()))
+    return dataclasses.replace(_gather(runs), oracle=choice)
 
 
 def _gather(runs: dict[tuple[str, int], LOSOResult]) -> SweepResult:
@@ -143,14 +198,34 @@ def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar
             source = _source(tensor, fits, device if ex.name == "local" else "cpu") if todo else None
             programs = _programs(todo, jobs, tensor.shape[2], len(folds))
             shared = {"source": source, "labels": labels, "index": index, "folds": folds, "num_classes": num_classes}
+            ticks = _EpochTicks(bar)
+            if ex.name == "local":  # the bar moves every epoch, so its ETA shows early (a Ray task cannot reach it)
+                shared["on_epoch"] = ticks
             for position, results in ex.map(_program_task, [[jobs[i][2] for i in p] for p in programs], shared):
                 program = programs[position]
-                bar.update(len(program) * len(folds))
+                ticks.finish(len(program) * len(folds))
                 for i, done in zip(program, results):
                     cfg_i = jobs[i][2]
-                    _finish_run(entries[i], cfg_i, done, index, labels, factors, _slots(cfg_i, len(factors)),
+                    _finish_run(entries[i], cfg_i, done, index, labels, factors, _slots(cfg_i, tensor.shape[2]),
                                 num_classes)
     return {(v.name, s): LOSOResult.load(e.path) for (v, s, _), e in zip(jobs, entries)}
+
+
+class _EpochTicks:
+    """Moves the sweep's bar (units: runs x folds) by whole units as a program's epochs pass, and by the rest when
+    the program ends."""
+
+    def __init__(self, bar):
+        self.bar, self.ticked = bar, 0
+
+    def __call__(self, epochs_done: int, epochs: int, units: int) -> None:
+        reached = units * epochs_done // epochs
+        self.bar.update(reached - self.ticked)
+        self.ticked = reached
+
+    def finish(self, units: int) -> None:
+        self.bar.update(units - self.ticked)
+        self.ticked = 0
 
 
 def _slots(cfg: TrainConfig, n_factors: int) -> list[int]:
@@ -403,14 +478,15 @@ def _shuffled(models, generators, steps: int, batch: int, device) -> torch.Tenso
     return torch.from_numpy(order.reshape(len(models), steps, batch).transpose(1, 0, 2).copy()).to(device)
 
 
-def _program_task(cfgs, source: _Source, labels, index, folds, num_classes) -> list[list]:
-    """One program wherever it runs: its configs -> per config its folds' results."""
+def _program_task(cfgs, source: _Source, labels, index, folds, num_classes, on_epoch=None) -> list[list]:
+    """One program wherever it runs: its configs -> per config its folds' results. `on_epoch(done, epochs, units)`
+    hears of every finished epoch (units: the program's runs x folds)."""
     device = resolve_device(cfgs[0].device)
     source = dataclasses.replace(source, rows=source.rows.to(device), scale=source.scale.to(device))
-    return _train_models(source, labels, index, folds, cfgs, num_classes, device)
+    return _train_models(source, labels, index, folds, cfgs, num_classes, device, on_epoch)
 
 
-def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, device) -> list[list]:
+def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, device, on_epoch=None) -> list[list]:
     """Train the folds of every config at once; per config the fold results run_loso's train_fold returns."""
     cfg0, n_factors = cfgs[0], source.shape[2]
     alike = lambda c: dataclasses.replace(c, seed=0, use_alpha=True, use_beta=True, factor_slots=None)  # noqa: E731
@@ -419,13 +495,14 @@ def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, devi
                          "(as many slots each)")
     models, program = _build(source, index, folds, cfgs, num_classes, device)
     with torch.inference_mode():  # gradients are by hand: no autograd
-        log = _train(program, models, labels.to(device), cfg0, num_classes, device)
+        tick = (lambda done: on_epoch(done, cfg0.epochs, len(cfgs) * len(folds))) if on_epoch else None
+        log = _train(program, models, labels.to(device), cfg0, num_classes, device, tick)
     return _fold_results(models, cfgs, folds, labels, log)
 
 
-def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int, device) -> dict:
+def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int, device, tick=None) -> dict:
     """Every epoch of every model: shuffled batches, RMSprop + StepLR, then predictions on the test (and inner
-    validation) rows. -> per epoch predictions, attention and history."""
+    validation) rows; tick(epochs done) after each. -> per epoch predictions, attention and history."""
     B = cfg.batch_size
     n_fit = np.array([len(d["fit"]) for d in models])
     steps = -(-n_fit // B)  # M: batches per epoch of each model
@@ -451,6 +528,8 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int
                                           / test_mask.sum(1)).cpu()
         if has_val:
             log["val_pred"].append(program.attend(program.rows(val_idx))[0].argmax(2).cpu())
+        if tick:
+            tick(epoch + 1)
     return log
 
 

@@ -3,14 +3,10 @@ cell; a cell's `stage:<name>` tag says what it computes), kept in results_dir/ti
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
-import torch
-
-from .runtime import native_bf16
+from .runtime import machine_info
 
 STAGES = ("setup", "data", "magnification demo", "pre-training", "magnification + features", "training",
           "statistics", "figures")
@@ -39,23 +35,23 @@ def notebook_stages(executed: str | Path, seconds: float) -> dict[str, float]:
     return {stage: s for stage, s in spent.items() if s > 0}
 
 
-def machine() -> str:
-    """This machine in a line: CPU model, the cores this process may use, bf16 support, GPU if any."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {cores} cores{', native bf16' if native_bf16('cpu') else ''}, {gpu}"
+def machine(info: dict | None = None) -> str:
+    """A machine in a line from runtime.machine_info (default this one on CPU): CPU model, the cores this process
+    may use, torch's CPU capability, oneDNN's ISA cap when set, whether bf16 was native, GPU if any."""
+    info = info or machine_info("cpu")
+    isa = f", ONEDNN_MAX_CPU_ISA={info['onednn_max_cpu_isa']}" if info["onednn_max_cpu_isa"] else ""
+    on = "" if info["device"] == "cpu" else f" on {info['device']}"
+    bf16 = f"{'native bf16' if info['native_bf16'] else 'no native bf16 (fp32)'}{on}"
+    return f"{info['cpu']}, {info['cores']} cores, CPU capability {info['cpu_capability']}{isa}, {bf16}, " \
+           f"{info['gpu'] or 'no GPU'}"
 
 
-def record(results_dir: str | Path, stages: dict[str, dict[str, float]]) -> dict:
-    """Write results_dir/timing.json: the date, this machine and seconds per notebook and stage."""
+def record(results_dir: str | Path, stages: dict[str, dict[str, float]], device: str = "auto") -> dict:
+    """Write results_dir/timing.json: the date, the machine the run's `device` parameter ran on (a line for
+    README and runtime.machine_info's fields) and seconds per notebook and stage."""
     from .results import save_json
-    timing = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+    info = machine_info(device)
+    timing = {"date": time.strftime("%Y-%m-%d"), "machine": machine(info), "machine_info": info,
               "notebooks": {name: {s: round(v, 1) for s, v in spent.items()} for name, spent in stages.items()}}
     save_json(timing, Path(results_dir) / TIMING_FILE)
     return timing

@@ -1,7 +1,7 @@
 """Peak resident memory of `make reproduce`: the notebooks run headless into a fresh temporary results folder.
 
 Runs the Makefile's command, `python -m amanlib run-notebooks` with the Makefile's PINNED options (e.g.
-`-p precision bf16`) and the -p options given here, in a subprocess whose results folder (--results) and synthetic data (data_dir) are in a temporary
+`-p backbone synthetic_macro`) and the -p options given here, in a subprocess whose results folder (--results) and synthetic data (data_dir) are in a temporary
 folder, so nothing of the repository's results/ or data/ is read or written (checked before and after). Every
 --interval seconds the resident set size (RSS) of the runner and all its descendants (the Jupyter kernels
 papermill starts) is read and summed; the summed RSS counts pages shared by several processes once per

@@ -1,9 +1,9 @@
 """What the trunk pre-training buys: held-out accuracy and seconds against epochs and crop size.
 
 Each setting pre-trains the kit's synthetic-macro ResNet-18 from scratch (a fresh cache folder) on the default
-macro set, in the precision `make reproduce` pins; seconds are printed as ratios against the default setting
-timed in the same run. Held-out accuracy is over the 4 held-out subjects' images (its binomial standard error
-is printed beside it). Writes results/bench/pretrain.csv.
+macro set, in `--precision` (default auto, as `make reproduce`: bf16 only where native); seconds are printed as
+ratios against the default setting timed in the same run. Held-out accuracy is over the 4 held-out subjects'
+images (its binomial standard error is printed beside it). Writes results/bench/pretrain.csv.
 
     python bench/pretrain.py                            # epochs 6 8 10 x crops 128 160
     python bench/pretrain.py --epochs 10 --crops 112 128 160
@@ -20,6 +20,7 @@ import pandas as pd
 
 from amanlib.data import make_synthetic_macro
 from amanlib.pretrain import PretrainConfig, pretrain_trunk
+from amanlib.runtime import PRECISIONS, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = PretrainConfig()
@@ -29,7 +30,7 @@ def main(argv=None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, nargs="+", default=[6, 8, 10])
     ap.add_argument("--crops", type=int, nargs="+", default=[128, 160])
-    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "results" / "bench" / "pretrain.csv"))
     args = ap.parse_args(argv)
@@ -37,6 +38,7 @@ def main(argv=None) -> pd.DataFrame:
     baseline = (DEFAULT.epochs, DEFAULT.crop)
     if baseline not in settings:
         settings.insert(0, baseline)
+    precision = "bf16" if resolve_precision(args.precision, "cpu") else "fp32"  # what auto resolved to
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         macro = make_synthetic_macro(Path(tmp) / "macro", seed=args.seed)
@@ -46,7 +48,7 @@ def main(argv=None) -> pd.DataFrame:
             trained = pretrain_trunk(macro, Path(tmp) / f"trunks-{epochs}-{crop}", cfg, progress=False)
             seconds = time.perf_counter() - start
             acc, n = trained.val_accuracy, trained.summary["val_images"]
-            rows.append({"epochs": epochs, "crop": crop, "precision": args.precision, "seconds": seconds,
+            rows.append({"epochs": epochs, "crop": crop, "precision": precision, "seconds": seconds,
                          "val_accuracy": acc, "val_se": math.sqrt(acc * (1 - acc) / n), "val_images": n})
             print(f"epochs {epochs:>2} crop {crop}: {seconds:6.1f} s, held-out accuracy {acc:.3f} "
                   f"(SE {rows[-1]['val_se']:.3f}, {n} images)", flush=True)

@@ -12,6 +12,7 @@ import pytest
 from amanlib.cli import main
 from amanlib.notebooks import notebook_list, parse_params, run_notebooks
 from conftest import REFERENCE
+from test_results import check_oracle_and_by_motion
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_dataset_prep", "02_magnification", "03_feature_extraction", "04_training", "05_confusion_analysis"]
@@ -84,6 +85,20 @@ def test_progress_bars_follow_amanlib_progress(monkeypatch):
         progress_bar(range(3))
 
 
+def test_a_text_progress_line_shows_the_time_left(monkeypatch):
+    """A long stage says early how long it will take: after a few units the log line holds tqdm's estimate."""
+    import time
+    from amanlib.runtime import progress_bar
+    monkeypatch.setenv("AMANLIB_PROGRESS", "text")
+    out = io.StringIO()
+    bar = progress_bar(total=100, desc="pre-training", file=out, mininterval=0)
+    for _ in range(3):
+        time.sleep(0.01)
+        bar.update()
+    lines = [line for line in re.split(r"[\r\n]", out.getvalue()) if line.strip()]
+    assert "<?" in lines[0] and re.search(r"3/100 \[\d\d:\d\d<\d\d:\d\d", lines[-1]), lines
+
+
 @pytest.mark.slow
 def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, capsys):
     magnet = REFERENCE / "magnet" / "learning_based_mag.pth.tar"
@@ -123,7 +138,8 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     figures = {p.name for p in (results / "figures").glob("*.png")}
     for name in ["01_dataset_overview.png", "01_onset_apex_offset.png", "02_magnification.png",
                  "04_learning_curves.png", "04_ablations.png", "05_confusion.png", "05_alpha_by_class.png",
-                 "05_beta_by_class.png", "05_protocol_gap.png", "04_comparisons.png", "05_mechanism.png"]:
+                 "05_beta_by_class.png", "05_protocol_gap.png", "04_comparisons.png", "05_mechanism.png",
+                 "05_accuracy_by_motion.png", "05_oracle_vs_preferred.png"]:
         assert name in figures and (results / "figures" / name).stat().st_size > 5000, name
     metrics = json.loads((results / "metrics.json").read_text())
     assert metrics["dataset"] == "synthetic" and metrics["clips"] == 9
@@ -137,10 +153,12 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
     for key in ("uf1", "uar", "accuracy"):
         assert 0 <= metrics[key] <= 1
     assert set(metrics["ablations"]) == {"AMAN", "magnification attention only", "frame attention only",
-                                         "no magnification", "single factor 2", "single factor 4"}
+                                         "no magnification", "single factor 2", "single factor 4",
+                                         "oracle factor (truth)"}  # the positive control, on synthetic data
     assert metrics["ablations"]["AMAN"]["uf1"] == pytest.approx(metrics["uf1"])
     assert metrics["seeds"] == [0, 1, 2, 3, 4] and len(metrics["run_dirs"]) == 5  # notebook 04's default
-    assert len(metrics["comparisons"]) == 2 * 5 and metrics["mechanism"]["n"] == 9
+    assert len(metrics["comparisons"]) == 2 * 6 and metrics["mechanism"]["n"] == 9
+    check_oracle_and_by_motion(metrics)
     lo, hi = metrics["uf1_ci"]
     assert lo <= metrics["uf1"] <= hi
     assert metrics["protocol_gap"]["best epoch on test subject (optimistic)"]["accuracy"] >= metrics["accuracy"]

@@ -215,6 +215,30 @@ def test_the_fer_backbone_needs_its_checkpoint():
     assert len(notes) == 1
 
 
+def test_bf16_where_it_would_be_emulated_is_refused_before_any_work(monkeypatch, tmp_path):
+    """The refusal names the missing flag and the cost; auto and bf16_emulated pass, and where bf16 is native so
+    does bf16. The device parameter is the one asked about."""
+    import amanlib.runtime as runtime
+    asked = []
+    monkeypatch.setattr(runtime, "bf16_emulated_because",
+                        lambda device, *a, **k: asked.append(str(device)) or ["no avx512_bf16/amx_bf16 flag"])
+    with pytest.raises(ValueError) as e:
+        params.validate({"precision": "bf16", "device": "cpu"}, params.NOTEBOOKS)
+    assert str(e.value) == ("precision (03_feature_extraction): bf16 is emulated on this CPU (no avx512_bf16/amx_bf16 "
+                            "flag): measured 8.6x (an AVX2 CPU) to 14x (bench/precision.py, AVX2 simulated) slower than "
+                            "fp32 for a ResNet-18 training step; use precision 'auto' or 'fp32', or 'bf16_emulated' to "
+                            "run it anyway")
+    assert asked == ["cpu"]
+    values = {**params.declared("03_feature_extraction"), "results_dir": str(tmp_path), "data_dir": str(tmp_path),
+              "precision": "bf16"}
+    with pytest.raises(ValueError, match="precision \\(03_feature_extraction\\): bf16 is emulated"):
+        params.check("03_feature_extraction", values)
+    for ok in ("auto", "fp32", "bf16_emulated"):
+        assert params.validate({"precision": ok}, params.NOTEBOOKS)["precision"] == ok
+    monkeypatch.setattr(runtime, "bf16_emulated_because", lambda *a, **k: [])
+    assert params.validate({"precision": "bf16"}, params.NOTEBOOKS)["precision"] == "bf16"
+
+
 # --- names ------------------------------------------------------------------------------------------------
 
 def test_unknown_and_old_names():

@@ -3,17 +3,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from amanlib import timing
-from amanlib.results import readme_table, render_readme
+from amanlib import stats
+from amanlib.results import protocol_gap, readme_table, render_readme
+from amanlib.runtime import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = json.loads((REPO / "results" / "metrics.json").read_text())
+WIDE = json.loads((REPO / "results" / "wide" / "metrics.json").read_text())  # make reproduce-wide
 
 
-def test_metrics_json_schema():
-    m = METRICS
+@pytest.mark.parametrize("m", [METRICS, WIDE], ids=["default", "wide"])
+def test_metrics_json_schema(m):
     assert m["seeds"] and all(isinstance(s, int) for s in m["seeds"])
     assert m["label_protocol"] and m["epoch_selection"] in ("fixed", "inner_val", "paper")
     aman = m["ablations"]["AMAN"]
@@ -36,18 +40,49 @@ def test_metrics_json_schema():
     if m["dataset"] == "synthetic":
         mech = m["mechanism"]
         assert set(mech) == {"spearman_r", "ci", "p_value", "n"} and mech["n"] == m["clips"]
+        check_oracle_and_by_motion(m)
+        assert m["synthetic_regime"] in ("narrow", "wide")
     assert not Path(m["run_dir"]).is_absolute()
     assert set(m["fidelity"]) == {"name", "trunk_bn", "layer4_bn", "layer4_init"}
     mine = m["by_fidelity"][m["fidelity"]["name"]]
     assert mine["uf1"] == m["uf1"] and mine["run_dirs"] == m["run_dirs"]  # the preset's entry is this run
+    assert set(m["machine"]) == set(machine_info("cpu"))
+    assert set(m["precision"]) == {"magnifier", "trunk"} and set(m["precision"].values()) <= {"fp32", "bf16"}
+
+
+def check_oracle_and_by_motion(m: dict) -> None:
+    """metrics.json's `oracle` (the positive control against the best single factor) and `by_motion` (accuracy per
+    variant and tertile of true motion) on synthetic data, with their CIs."""
+    o = m["oracle"]
+    assert "positive control" in o["role"] and o["variant"] in m["ablations"] and o["target_px"] > 0
+    assert sum(o["chosen_factors"].values()) == m["clips"] and o["best_single_factor"] in m["ablations"]
+    assert o["best_single_factor"] == max((v for v in m["ablations"] if v.startswith("single factor ")),
+                                          key=lambda v: m["ablations"][v]["uf1"])
+    assert o["uf1"] == pytest.approx(m["ablations"][o["variant"]]["uf1"])
+    assert {(c["a"], c["b"], c["metric"]) for c in o["minus_best_single_factor"]} == {
+        (o["variant"], o["best_single_factor"], k) for k in ("uf1", "uar")}
+    for c in o["minus_best_single_factor"]:
+        assert c["ci"][0] <= c["diff"] <= c["ci"][1] and 0 <= c["p_value"] <= 1
+        assert c["diff"] == pytest.approx(o[c["metric"]] - m["ablations"][o["best_single_factor"]][c["metric"]])
+    b = m["by_motion"]
+    assert list(b["bins"])[0] == "small" and sum(e["n_clips"] for e in b["bins"].values()) == m["clips"]
+    assert set(b["variants"]) == set(m["ablations"]) and set(b["best_single_factor_by_bin"]) == set(b["bins"])
+    for variant, per_bin in b["variants"].items():
+        assert set(per_bin) == set(b["bins"]), variant
+        for e in per_bin.values():
+            assert e["ci"][0] <= e["accuracy"] <= e["ci"][1]
+        total = sum(e["accuracy"] * e["n_clips"] for e in per_bin.values()) / m["clips"]
+        assert total == pytest.approx(m["ablations"][variant]["accuracy"])  # the bins sum back to all clips
 
 
 def test_readme_table_is_the_committed_metrics(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text((REPO / "README.md").read_text())
-    assert not render_readme(readme, METRICS), "README's results table differs from results/metrics.json: " \
-                                               "run `.venv/bin/python -m amanlib readme`"
+    assert not render_readme(readme, METRICS, others=[WIDE]), \
+        "README's results table or regimes differ from results/metrics.json and results/wide/metrics.json: run " \
+        "`.venv/bin/python -m amanlib readme`"
     assert readme_table(METRICS) in (REPO / "README.md").read_text()
+    assert [WIDE["synthetic_regime"], METRICS["synthetic_regime"]] == ["wide", "narrow"]
 
 
 def test_readme_timing_is_the_committed_timing(tmp_path):
@@ -56,6 +91,29 @@ def test_readme_timing_is_the_committed_timing(tmp_path):
     assert set(committed["notebooks"]) == {p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")}
     readme = tmp_path / "README.md"
     readme.write_text((REPO / "README.md").read_text())
-    assert not render_readme(readme, METRICS, committed), "README's timing table differs from results/timing.json: " \
-                                                          "run `.venv/bin/python -m amanlib readme`"
+    assert not render_readme(readme, METRICS, committed, [WIDE]), \
+        "README's timing table differs from results/timing.json: run `.venv/bin/python -m amanlib readme`"
     assert timing.markdown(committed) in (REPO / "README.md").read_text()
+
+
+def _seed_predictions(seed: int, last: list[int], best: list[int]) -> pd.DataFrame:
+    """One fake AMAN run of 6 clips (2 subjects, 3 classes) under epoch selection fixed: pred is the last epoch."""
+    gt = [0, 1, 2, 0, 1, 2]
+    return pd.DataFrame({"dataset": "synthetic", "subject": ["s1"] * 3 + ["s2"] * 3,
+                         "clip": [f"c{i}" for i in range(6)], "gt": gt, "pred": last, "pred_last": last, "pred_best_test": best, "variant": "AMAN",
+                         "seed": seed})
+
+
+def test_protocol_gap_compares_the_same_seeds_as_metrics_json():
+    """Seed 0's best epoch on the test subject (0.5) is below the seed-mean last epoch (0.667): the gap of seed 0
+    alone against metrics.json's seed mean put 'optimistic' below 'honest' (issue 19)."""
+    runs = [_seed_predictions(0, last=[0, 0, 0, 0, 0, 2], best=[0, 1, 0, 0, 0, 2]),
+            _seed_predictions(1, last=[0, 1, 2, 0, 1, 2], best=[0, 1, 2, 0, 1, 2])]
+    accuracy = stats.bootstrap_scores(pd.concat(runs), n_resamples=10).loc["AMAN", "accuracy"]  # as metrics.json
+    assert protocol_gap(runs[:1], "fixed").loc["best epoch on test subject (optimistic)", "accuracy"] < accuracy
+    gap = protocol_gap(runs, "fixed")
+    assert gap.loc["chosen epoch (fixed)", "accuracy"] == pytest.approx(accuracy)
+    assert (gap.loc["best epoch on test subject (optimistic)", ["uf1", "uar", "accuracy"]]
+            >= gap.loc["last epoch", ["uf1", "uar", "accuracy"]]).all()
+    pd.testing.assert_frame_equal(protocol_gap(pd.concat(runs), "fixed"), gap)  # one table with a seed column
+    assert gap["n"].tolist() == [6, 6, 6]

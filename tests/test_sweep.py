@@ -189,3 +189,33 @@ def test_flat_rmsprop_equals_torch_and_skips_models_without_a_batch():
             optims[m].step()
         want = torch.stack([p.detach() for p in refs]).flatten()
         torch.testing.assert_close(theta, want, rtol=1e-6, atol=1e-9)
+
+
+def test_the_bar_moves_every_epoch_by_whole_units(tmp_path, monkeypatch):
+    """The training bar's ETA shows after the first epochs, not after the first program: a local sweep moves its
+    bar (runs x folds) by whole units as epochs pass, ending exactly at its total."""
+    updates = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.total = kwargs.get("total")
+
+        def update(self, n=1):
+            updates.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(sweep, "progress_bar", Bar)
+    index = uneven_index()
+    cfg = TrainConfig(epochs=10, batch_size=4, frozen_layer4=True)
+    run_sweep(pooled(index), index, cfg, VARIANTS[:2], [0], tmp_path, factors=[1.0, 2.0, 4.0])
+    moves = [n for n in updates if n]
+    assert all(isinstance(n, int) and n > 0 for n in moves)
+    assert sum(moves) == 2 * 5 and len(moves) >= 5  # 2 runs x 5 folds, in more steps than programs

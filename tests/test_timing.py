@@ -55,3 +55,17 @@ def test_record_names_date_and_machine(tmp_path):
     assert json.loads((tmp_path / timing.TIMING_FILE).read_text()) == recorded
     assert recorded["notebooks"] == {"04_training": {"setup": 4.0, "training": 20.0}}
     assert "cores" in recorded["machine"] and len(recorded["date"]) == 10
+    info = recorded["machine_info"]
+    assert set(info) >= {"cpu", "cores", "cpu_capability", "onednn_max_cpu_isa", "native_bf16", "device", "torch"}
+    assert recorded["machine"] == timing.machine(info) and f"CPU capability {info['cpu_capability']}" in \
+        recorded["machine"]
+
+
+def test_the_machine_line_names_capability_isa_cap_and_bf16():
+    info = {"cpu": "Xeon", "cores": 2, "threads": 2, "cpu_capability": "AVX2", "onednn_max_cpu_isa": "AVX2",
+            "native_bf16": False, "device": "cpu", "gpu": None, "torch": "2.14.1"}
+    assert timing.machine(info) == "Xeon, 2 cores, CPU capability AVX2, ONEDNN_MAX_CPU_ISA=AVX2, no native bf16 " \
+                                   "(fp32), no GPU"
+    gpu = {**info, "cpu_capability": "AVX512", "onednn_max_cpu_isa": None, "native_bf16": True, "device": "cuda",
+           "gpu": "H200"}
+    assert timing.machine(gpu) == "Xeon, 2 cores, CPU capability AVX512, native bf16 on cuda, H200"

@@ -47,10 +47,10 @@ def load_magnifier(name: str, **kwargs) -> Magnifier:
 
 
 def magnifier_for(method: str, checkpoint=None, download: bool = True, device="auto",
-                  precision: str = "fp32") -> Magnifier:
+                  precision: str = "auto") -> Magnifier:
     """A magnifier by name; for 'learning' the authors' checkpoint (default_checkpoint_path() when None),
-    downloaded and verified first when it is absent and `download` allows, run in `precision` (fp32, bf16, or
-    auto: bf16 where the device has it natively). The classic magnifiers always run in fp32."""
+    downloaded and verified first when it is absent and `download` allows, run in `precision` (runtime.PRECISIONS;
+    auto: bf16 where the device has it natively, else fp32). The classic magnifiers always run in fp32."""
     dtype = resolve_precision(precision, device)
     if method != "learning":
         return load_magnifier(method)
