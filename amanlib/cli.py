@@ -31,11 +31,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _classes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a number of classes >= 2, got {text!r}")
+    return value
+
+
 def _score(args) -> None:
     from .metrics import megc_scores, read_megc_log
     for path in args.logs:
-        print(f"# {path}")
-        print(megc_scores(read_megc_log(path)).round(4).to_string())
+        log = read_megc_log(path, args.classes)
+        mark = " (OPTIMISTIC: epoch chosen on the held-out subject, as its log says)" if log.attrs["optimistic"] else ""
+        print(f"# {path}{mark}")
+        print(megc_scores(log).round(4).to_string())
 
 
 def _readme(args) -> None:
@@ -61,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     score = sub.add_parser("score", help="UF1/UAR/accuracy of MEGC2019 log files (full and per dataset)")
     score.add_argument("logs", nargs="+", help="MEGC log files ('<db> <subject>' headers, '<clip> <gt> <pred>')")
+    score.add_argument("--classes", type=_classes, default=3,
+                       help="labels are 0 .. classes-1 (default 3: MEGC2019's negative, positive, surprise)")
     score.set_defaults(func=_score)
     run = sub.add_parser("run-notebooks", help="execute the notebooks headless with papermill into results/",
                          description="Execute notebooks/NN_*.ipynb in order with papermill. Parameters are "

@@ -60,14 +60,20 @@ def _log_lines(path: Path) -> list[str]:
         raise ValueError(f"{path}: not UTF-8 text, so not an MEGC log ({err})") from None
 
 
-def read_megc_log(path: str | Path) -> pd.DataFrame:
+def read_megc_log(path: str | Path, num_classes: int = len(CLASSES)) -> pd.DataFrame:
     """Parse an MEGC2019 log: '<db> <subject>' fold headers (db one of LOG_DATASETS), then '<clip> <gt> <pred>'
-    lines; '#' starts a comment. Any other line is an error naming the file, the line number and the line."""
+    lines with labels 0 .. num_classes - 1 (MEGC2019: negative, positive, surprise); '#' starts a comment. Any
+    other line, a label outside the classes or a clip twice in one fold is an error naming the file, the line
+    number and the line. `.attrs['optimistic']`: a comment marks the log OPTIMISTIC (epoch chosen on the test
+    subject, as write_megc_log marks such runs)."""
     path = Path(path)
-    rows, fold = [], None
+    rows, fold, seen, optimistic = [], None, {}, False
     for lineno, line in enumerate(_log_lines(path), 1):
         parts = line.split()
-        if not parts or parts[0].startswith("#"):
+        if parts and parts[0].startswith("#"):
+            optimistic = optimistic or "OPTIMISTIC" in line
+            continue
+        if not parts:
             continue
         if len(parts) == 2 and parts[0] in LOG_DATASETS:
             fold = parts
@@ -75,15 +81,26 @@ def read_megc_log(path: str | Path) -> pd.DataFrame:
             raise ValueError(f"{path}:{lineno}: clip line {line!r} before any '<db> <subject>' fold header")
         elif len(parts) == 3:
             try:
-                rows.append([*fold, parts[0], int(parts[1]), int(parts[2])])
+                gt, pred = int(parts[1]), int(parts[2])
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: gt and pred must be integers, got {line!r}") from None
+            if not (0 <= gt < num_classes and 0 <= pred < num_classes):
+                raise ValueError(f"{path}:{lineno}: gt and pred must be classes 0 to {num_classes - 1}, got {line!r} "
+                                 "(another protocol's log: pass its number of classes)")
+            clip = (*fold, parts[0])
+            if clip in seen:
+                raise ValueError(f"{path}:{lineno}: clip {parts[0]} of fold '{' '.join(fold)}' is listed again (first "
+                                 f"on line {seen[clip]}): a clip counts once")
+            seen[clip] = lineno
+            rows.append([*clip, gt, pred])
         else:
             raise ValueError(f"{path}:{lineno}: expected '<db> <subject>' (db one of {', '.join(LOG_DATASETS)}) or "
                              f"'<clip> <gt> <pred>', got {line!r}")
     if not rows:
         raise ValueError(f"{path}: no prediction lines found (is this an MEGC log?)")
-    return pd.DataFrame(rows, columns=LOG_COLUMNS)
+    df = pd.DataFrame(rows, columns=LOG_COLUMNS)
+    df.attrs["optimistic"] = optimistic
+    return df
 
 
 def write_megc_log(df: pd.DataFrame, path: str | Path, comment: str | None = None) -> Path:

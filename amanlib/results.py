@@ -414,7 +414,8 @@ def readme_table(metrics: dict) -> str:
     rows = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
     regime = f", {metrics['synthetic_regime']} regime" if metrics.get("synthetic_regime") else ""
     run = (f"{metrics['model']} on {metrics['dataset']}{regime} ({metrics['clips']} clips, {metrics['subjects']} subjects, "
-           f"label protocol {metrics['label_protocol']}), epoch selection {metrics['epoch_selection']}, backbone "
+           f"label protocol {metrics['label_protocol']}), epoch selection {metrics['epoch_selection']}"
+           f"{' (' + OPTIMISTIC + ')' if metrics['optimistic'] else ''}, backbone "
            f"{metrics['backbone']}, magnifier {metrics['magnifier']} at factors {metrics['factors']}, "
            f"{metrics['n_frames']} frames, training seeds {metrics['seeds']}.")
     notes = [run, (head + rows).rstrip("\n")]

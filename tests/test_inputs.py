@@ -204,6 +204,40 @@ def test_log_with_utf8_bom_parses(tmp_path):
     assert df[["dataset", "subject", "clip", "gt", "pred"]].values.tolist() == [["casme2", "sub01", "EP01_01", 1, 2]]
 
 
+def test_log_clip_twice_in_a_fold_is_an_error_naming_both_lines(tmp_path):
+    """A clip counted twice would weigh twice in UF1 (issue 22): the second line is named, with the first."""
+    path = tmp_path / "log.txt"
+    path.write_text("casme2 sub01\nEP01_01 1 1\nEP01_02 2 2\nEP01_01 1 0\ncasme2 sub02\nEP01_01 0 0\n")
+    with pytest.raises(ValueError, match=r"log\.txt:4: clip EP01_01 of fold 'casme2 sub01' is listed again \(first "
+                                         r"on line 2\)"):
+        read_megc_log(path)
+    path.write_text("casme2 sub01\nEP01_01 1 1\ncasme2 sub02\nEP01_01 0 0\n")  # other subjects' clips may share names
+    assert len(read_megc_log(path)) == 2
+
+
+@pytest.mark.parametrize("line", ["EP01_02 1 5", "EP01_02 3 1", "EP01_02 -1 0"])
+def test_log_label_outside_the_protocols_classes_is_an_error(tmp_path, line):
+    path = tmp_path / "log.txt"
+    path.write_text(f"casme2 sub01\nEP01_01 1 1\n{line}\n")
+    with pytest.raises(ValueError, match=rf"log\.txt:3: gt and pred must be classes 0 to 2, got '{line}'"):
+        read_megc_log(path)
+    if "-" not in line:
+        assert read_megc_log(path, num_classes=6)["pred"].tolist()[-1] == int(line.split()[2])
+
+
+def test_an_optimistic_log_is_scored_with_its_mark(tmp_path, capsys):
+    from amanlib.cli import main
+    path = tmp_path / "log.txt"
+    path.write_text("# OPTIMISTIC: epoch chosen on the held-out subject's own accuracy\ncasme2 sub01\nEP01_01 1 1\n"
+                    "EP01_02 2 1\n")
+    assert read_megc_log(path).attrs["optimistic"] and main(["score", str(path)]) == 0
+    assert f"# {path} (OPTIMISTIC" in capsys.readouterr().out
+    path.write_text("casme2 sub01\nEP01_01 1 1\nEP01_02 2 1\n")
+    assert not read_megc_log(path).attrs["optimistic"] and main(["score", str(path)]) == 0
+    assert "OPTIMISTIC" not in capsys.readouterr().out
+    assert main(["score", "--classes", "1", str(path)]) == 2 and "number of classes >= 2" in capsys.readouterr().err
+
+
 def test_log_folder_and_missing_log_are_named(tmp_path):
     with pytest.raises(ValueError, match=rf"{tmp_path.name} is a directory; pass the log files inside it"):
         read_megc_log(tmp_path)

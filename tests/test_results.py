@@ -117,3 +117,10 @@ def test_protocol_gap_compares_the_same_seeds_as_metrics_json():
             >= gap.loc["last epoch", ["uf1", "uar", "accuracy"]]).all()
     pd.testing.assert_frame_equal(protocol_gap(pd.concat(runs), "fixed"), gap)  # one table with a seed column
     assert gap["n"].tolist() == [6, 6, 6]
+
+
+def test_readme_table_marks_an_optimistic_run():
+    """README's table of a run whose epoch was chosen on the test subject says so in its first line (issue 22)."""
+    assert "OPTIMISTIC" not in readme_table(METRICS).splitlines()[0]
+    assert "epoch selection paper (OPTIMISTIC: epoch chosen on the held-out subject's own accuracy" in \
+        readme_table({**METRICS, "epoch_selection": "paper", "optimistic": True}).splitlines()[0]
