@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
+
 from .fidelity import FIDELITIES, PRESETS, preset_name
 from .runtime import PRECISIONS, resolve_precision
 from .data.synthetic import REGIMES
@@ -113,7 +115,8 @@ def _describe_kind(p: Param) -> str:
 
 
 def _factors_magnify(factors) -> bool:
-    return factors is None or any(f != 1 for f in factors)
+    """None, or factors without repeats of which at least 2 magnify (with one, AMAN is that single factor)."""
+    return factors is None or (len(set(factors)) == len(factors) and sum(f != 1 for f in factors) >= 2)
 
 
 def _optional_path(name: str, role: PathRole, notebooks: tuple[str, ...], help: str, **kw) -> Param:
@@ -176,7 +179,8 @@ _PARAMS = [
     Param("factors", Kind.FLOATS, None, (_FEAT,),
           "magnification factors; None: 5 factors over 2-12 (the paper has 9: e.g. [2, 3.25, 4.5, ..., 12])",
           none_ok=True, min=1, rule=_factors_magnify,
-          rule_text="at least one != 1 (factor 1 is the unmagnified frame; AMAN needs magnified factors)"),
+          rule_text="no factor twice and at least 2 factors != 1 (factor 1 is the unmagnified frame; with one "
+                    "magnified factor AMAN is that single factor)"),
     Param("include_unmagnified", Kind.BOOL, True, (_FEAT,), "add the factor-1 slot, for the no-magnification ablation"),
     Param("n_frames", Kind.INT, 2, (_FEAT,), "frames after the onset up to the apex (about 10-11 on real data)", min=1),
     Param("mag_size", Kind.INT, None, (_FEAT,), "magnify at this square size; None: each clip's own size",
@@ -395,6 +399,18 @@ def _accepts(p: Param, value) -> bool:
     return True
 
 
+def _mps_here() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _device_here(device: str) -> bool:
+    """Whether this machine has the device ('cpu', 'mps', 'cuda', 'cuda:N')."""
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.is_available() and index < torch.cuda.device_count()
+    return device != "mps" or _mps_here()
+
+
 def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]], selected: list[str]) -> list[str]:
     """Rules between parameters, on the values a run will use (given, else default). `effective` holds only
     parameters read by the run that passed their own checks."""
@@ -421,6 +437,10 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
                         "executor 'ray'")
     if effective.get("executor") == "ray" and importlib.util.find_spec("ray") is None:
         problems.append(f"executor ({where('executor')}): 'ray' needs the ray package: pip install -e '.[ray]'")
+    device = effective.get("device")
+    if isinstance(device, str) and device != "auto" and not _device_here(device):
+        problems.append(f"device ({where('device')}): {device!r} is not on this machine (CUDA devices: "
+                        f"{torch.cuda.device_count()}, MPS: {_mps_here()}); use 'auto' or 'cpu'")
     if effective.get("precision") == "bf16":  # refused before any work where the device would emulate it
         try:
             resolve_precision("bf16", effective.get("device", "auto"))

@@ -114,7 +114,11 @@ def test_schema_entries_are_typed_and_shared_names_are_shared():
     ("sweep_factors", [], "sweep_factors (02_magnification): expected a non-empty list of finite numbers >= 1"),
     ("sweep_factors", [1, 0.5], "got [1, 0.5]"),
     ("sweep_factors", 4, "got 4"),
-    ("factors", [1, 1.0], "at least one != 1 (factor 1 is the unmagnified frame"),
+    ("factors", [1, 1.0], "no factor twice and at least 2 factors != 1 (factor 1 is the unmagnified frame"),
+    ("factors", [1, 2], "at least 2 factors != 1 (factor 1 is the unmagnified frame; with one magnified factor AMAN "
+                        "is that single factor)"),
+    ("factors", [2, 2, 4], "factors (03_feature_extraction): expected None or a non-empty list of finite numbers >= 1, "
+                           "no factor twice"),
     ("methods", ["learning", "magic"], "expected a non-empty list, each one of 'learning', 'eulerian' or 'phase'"),
     ("methods", [], "got []"),
     ("device", "cuda:x", "device (02_magnification, 03_feature_extraction, 04_training): expected 'auto', 'cpu', "
@@ -129,12 +133,15 @@ def test_types_are_strict(name, value, message):
     assert message in str(e.value)
 
 
-def test_valid_values_pass_as_plain_numbers_and_lists():
+def test_valid_values_pass_as_plain_numbers_and_lists(monkeypatch):
     import numpy as np
-    out = params.validate({"lr": 1, "epochs": np.int64(3), "factors": (1, 2.5), "device": "cuda:1",
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    out = params.validate({"lr": 1, "epochs": np.int64(3), "factors": (1, 2.5, 4), "device": "cuda:1",
                            "frozen_layer4": None, "amp": False, "methods": ["phase"], "clip": 0},
                           params.NOTEBOOKS)
-    assert out == {"lr": 1, "epochs": 3, "factors": [1, 2.5], "device": "cuda:1", "frozen_layer4": None,
+    assert out == {"lr": 1, "epochs": 3, "factors": [1, 2.5, 4], "device": "cuda:1", "frozen_layer4": None,
                    "amp": False, "methods": ["phase"], "clip": 0}
     assert type(out["epochs"]) is int
 
@@ -284,7 +291,7 @@ def test_a_parameter_of_a_notebook_left_out_is_dropped_with_a_note(books, execut
     ("lr", "nan", "lr (04_training): expected a finite number > 0, got 'nan'"),
     ("lr", ".nan", "lr (04_training): expected a finite number > 0, got nan"),
     ("factors", "[1]", "factors (03_feature_extraction): expected None or a non-empty list of finite numbers >= 1, "
-                       "at least one != 1"),
+                       "no factor twice and at least 2 factors != 1"),
 ])
 def test_bad_values_are_refused_before_any_notebook_runs(capsys, books, executed, tmp_path, name, value, message):
     line = _one_error(capsys, "run-notebooks", "--notebooks", str(books), "--results", str(tmp_path / "out"),
@@ -449,3 +456,16 @@ def test_check_validates_a_notebooks_own_parameters(tmp_path, monkeypatch):
         params.check("04_training", namespace)
     with pytest.raises(ValueError, match="dataset \\(01_dataset_prep\\): 'samm' needs samm_codes, samm_frames"):
         params.check("01_dataset_prep", {**params.declared("01_dataset_prep"), "dataset": "samm"})
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps"])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(monkeypatch, device):
+    """-p device cuda on a machine without one used to pass the check and fail in 03 with torch's error (issue 22)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda:3")  # cuda:3 on a machine with 1 GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if device == "cuda:3" else 0)
+    monkeypatch.setattr(params, "_mps_here", lambda: False)
+    with pytest.raises(ValueError, match=rf"device \(02_magnification, 03_feature_extraction, 04_training\): "
+                                         rf"'{device}' is not on this machine .*use 'auto' or 'cpu'"):
+        params.validate({"device": device}, params.NOTEBOOKS)
+    assert params.validate({"device": "cpu"}, params.NOTEBOOKS) == {"device": "cpu"}
