@@ -296,9 +296,14 @@ STATS_METHOD = ("95% CIs: percentile bootstrap over subjects and training seeds 
                 "a two-sided sign-flip permutation test over subjects on per-subject differences averaged over seeds.")
 
 
-def comparisons_text(comparisons) -> str:
+def comparisons_text(comparisons, n_subjects: int | None = None) -> str:
     """In words, per metric: which variants AMAN beats and which beat it (95% CI excluding zero), and how many the
-    data cannot tell apart from it. `comparisons`: metrics.json's list or its DataFrame."""
+    data cannot tell apart from it. `comparisons`: metrics.json's list or its DataFrame. With fewer than
+    stats.MIN_SUBJECTS subjects it says so instead, and concludes nothing."""
+    from .stats import too_few_subjects
+    warning = too_few_subjects(n_subjects)
+    if warning:
+        return warning + "."
     def said(rows) -> str:
         return "; ".join(f"{r.b} ({r.diff:+.3f}, CI {r.ci[0]:+.3f} to {r.ci[1]:+.3f}, p {r.p_value:.3g})" for r in rows)
 
@@ -418,16 +423,17 @@ def readme_table(metrics: dict) -> str:
            f"{' (' + OPTIMISTIC + ')' if metrics['optimistic'] else ''}, backbone "
            f"{metrics['backbone']}, magnifier {metrics['magnifier']} at factors {metrics['factors']}, "
            f"{metrics['n_frames']} frames, training seeds {metrics['seeds']}.")
-    notes = [run, (head + rows).rstrip("\n")]
+    from .stats import mechanism_text, too_few_subjects
+    warning = too_few_subjects(metrics["subjects"])
+    notes = [run] + ([warning + "."] if warning else []) + [(head + rows).rstrip("\n")]
     key = [c for c in metrics["comparisons"] if c["b"] == "no magnification" and c["metric"] == "uf1"]
     if key:
         half = (key[0]["ci"][1] - key[0]["ci"][0]) / 2
         notes.append(f"AMAN minus no magnification, UF1: {key[0]['diff']:+.3f}, 95% CI half-width {half:.3f}.")
     if metrics["comparisons"]:
-        notes.append(comparisons_text(metrics["comparisons"]))
+        notes.append(comparisons_text(metrics["comparisons"], metrics["subjects"]))
     if metrics.get("mechanism"):
-        from .stats import mechanism_text
-        notes.append(f"Mechanism check: {mechanism_text(metrics['mechanism'])}")
+        notes.append(f"Mechanism check: {mechanism_text(metrics['mechanism'], metrics['subjects'])}")
     notes.append(metrics["method"])
     return "\n\n".join(notes) + "\n"
 

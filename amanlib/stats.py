@@ -333,10 +333,27 @@ def mechanism_check(sweep, truth: pd.DataFrame | None, reference: str = "AMAN") 
     return spearman_mechanism(per_clip["preferred_factor"], per_clip["peak_px"], clusters=per_clip["subject"])
 
 
-def mechanism_text(result: dict) -> str:
-    """What the rho says, in words."""
+MIN_SUBJECTS = 6
+"""Subjects below which the kit's CIs and p-values are not 95% ones: a two-sided sign-flip test over S subjects
+cannot give p < 0.05 below 6 (its smallest exact p is 2 / 2^S: 0.0625 at 5), and a bootstrap over 5 subjects has
+only 126 distinct resamples (3 over 2), too few for 2.5% tails."""
+
+
+def too_few_subjects(n_subjects: int | None) -> str | None:
+    """The warning that replaces any conclusion when there are fewer than MIN_SUBJECTS subjects; None otherwise."""
+    if n_subjects is None or n_subjects >= MIN_SUBJECTS:
+        return None
+    return (f"**Too few subjects for these statistics**: with {n_subjects} subjects (fewer than {MIN_SUBJECTS}) the "
+            "intervals below are not 95% CIs and the p-values cannot reach 0.05, so no conclusion is drawn from them")
+
+
+def mechanism_text(result: dict, n_subjects: int | None = None) -> str:
+    """What the rho says, in words; nothing is concluded from fewer than MIN_SUBJECTS subjects."""
     rho, (lo, hi) = result["spearman_r"], result["ci"]
     head = f"Spearman's rho {rho:.2f} (95% CI {lo:.2f} to {hi:.2f}, subjects resampled; n = {result['n']} clips): "
+    warning = too_few_subjects(n_subjects)
+    if warning:
+        return f"Spearman's rho {rho:.2f} (interval {lo:.2f} to {hi:.2f}; n = {result['n']} clips). {warning}."
     if hi < 0:
         return head + "smaller motions prefer larger factors, as the paper's premise predicts."
     if lo > 0:

@@ -124,3 +124,9 @@ def test_readme_table_marks_an_optimistic_run():
     assert "OPTIMISTIC" not in readme_table(METRICS).splitlines()[0]
     assert "epoch selection paper (OPTIMISTIC: epoch chosen on the held-out subject's own accuracy" in \
         readme_table({**METRICS, "epoch_selection": "paper", "optimistic": True}).splitlines()[0]
+
+
+def test_readme_table_says_when_there_are_too_few_subjects():
+    assert "Too few subjects" not in readme_table(METRICS)
+    few = readme_table({**METRICS, "subjects": 2})
+    assert "with 2 subjects (fewer than 6)" in few.splitlines()[2] and "scores higher" not in few
