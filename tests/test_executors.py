@@ -2,6 +2,7 @@
 workers, surfaces ordinary errors at once, and rejects bad settings before any work."""
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,7 +125,36 @@ def test_shared_object_put_once(ray_executor, monkeypatch):
     assert result == {i: float(big[i]) for i in range(6)}
 
 
-def test_killed_worker_is_retried(ray_executor, tmp_path):
+IN_CHILD = os.environ.get("AMANLIB_TEST_CHILD") == "1"
+RAY_ABORT = "An unexpected system state has occurred"
+"""Ray's own failed CHECK (task_manager.cc: 'Tried to complete task that was not pending'), which aborts the whole
+process; seen once in about ten suite runs, after a test that kills a worker."""
+
+
+def in_child(test: str) -> None:
+    """Run one test of this file in a fresh pytest process, so that Ray aborting its process after a worker is
+    killed cannot take the rest of the suite with it. That abort alone, an upstream bug, is run again once; any
+    other failure fails at once with the child's output."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test}"]
+    for _ in range(2):
+        child = subprocess.run(command, env={**os.environ, "AMANLIB_TEST_CHILD": "1"}, capture_output=True,
+                               text=True, timeout=600)
+        if child.returncode == 0 or RAY_ABORT not in child.stdout + child.stderr:
+            break
+    assert child.returncode == 0, f"{test} failed in its own process:\n{child.stdout[-4000:]}\n{child.stderr[-4000:]}"
+    assert re.search(r"\b1 passed\b", child.stdout) and "skipped" not in child.stdout, child.stdout[-2000:]
+
+
+def test_killed_worker_is_retried():
+    in_child("test_killed_worker_is_retried_alone")
+
+
+def test_dead_actor_items_rerun():
+    in_child("test_dead_actor_items_rerun_alone")
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="kills a Ray worker: runs in its own process (test_killed_worker_is_retried)")
+def test_killed_worker_is_retried_alone(ray_executor, tmp_path):
     got = as_dict(ray_executor.map(crash_once, ITEMS, shared={"weight": WEIGHT, "marker_dir": str(tmp_path)}))
     assert (tmp_path / "crashed").exists(), "the worker was never killed: the test proves nothing"
     assert_same(got, {i: weighted(item, WEIGHT) for i, item in enumerate(ITEMS)})
@@ -166,7 +196,8 @@ def test_actor_map_equals_local_one_factory_call_per_actor(ray_executor, tmp_pat
     assert {threads for _, _, threads in got.values()} == {1}, "actors run on cpus_per_task torch threads"
 
 
-def test_dead_actor_items_rerun(ray_executor, tmp_path):
+@pytest.mark.skipif(not IN_CHILD, reason="kills a Ray actor: runs in its own process (test_dead_actor_items_rerun)")
+def test_dead_actor_items_rerun_alone(ray_executor, tmp_path):
     shared = {"weight": WEIGHT, "marker_dir": str(tmp_path), "crash_dir": str(tmp_path)}
     got = as_dict(ray_executor.actor_map(Projector, "project", ITEMS, shared=shared, n_actors=1))
     assert (tmp_path / "crashed").exists(), "the actor was never killed: the test proves nothing"
