@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .fidelity import FIDELITIES, PRESETS, preset_name
-from .runtime import PRECISIONS, resolve_precision
+from .runtime import PRECISIONS, device_available, mps_available, resolve_precision
 from .data.synthetic import REGIMES
 
 logger = logging.getLogger(__name__)
@@ -399,18 +399,6 @@ def _accepts(p: Param, value) -> bool:
     return True
 
 
-def _mps_here() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def _device_here(device: str) -> bool:
-    """Whether this machine has the device ('cpu', 'mps', 'cuda', 'cuda:N')."""
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return torch.cuda.is_available() and index < torch.cuda.device_count()
-    return device != "mps" or _mps_here()
-
-
 def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]], selected: list[str]) -> list[str]:
     """Rules between parameters, on the values a run will use (given, else default). `effective` holds only
     parameters read by the run that passed their own checks."""
@@ -438,9 +426,9 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
     if effective.get("executor") == "ray" and importlib.util.find_spec("ray") is None:
         problems.append(f"executor ({where('executor')}): 'ray' needs the ray package: pip install -e '.[ray]'")
     device = effective.get("device")
-    if isinstance(device, str) and device != "auto" and not _device_here(device):
+    if isinstance(device, str) and device != "auto" and not device_available(device):
         problems.append(f"device ({where('device')}): {device!r} is not on this machine (CUDA devices: "
-                        f"{torch.cuda.device_count()}, MPS: {_mps_here()}); use 'auto' or 'cpu'")
+                        f"{torch.cuda.device_count()}, MPS: {mps_available()}); use 'auto' or 'cpu'")
     if effective.get("precision") == "bf16":  # refused before any work where the device would emulate it
         try:
             resolve_precision("bf16", effective.get("device", "auto"))

@@ -47,9 +47,8 @@ def _regime(sources) -> str | None:
     """The synthetic regime the sources ask for (narrow, wide, or custom when fields override its motion)."""
     if sources is None:
         return None
-    from .data.synthetic import regime_of, synthetic_config
-    overrides = dict(sources.synthetic)
-    return regime_of(synthetic_config(overrides.pop("regime", None) or "narrow", **overrides))
+    from .data.synthetic import regime_of, resolve_config
+    return regime_of(resolve_config(**sources.synthetic))
 
 
 def read_index_info(results_dir) -> dict:
@@ -168,6 +167,9 @@ def attention(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(predictions["alpha"].to_list()), np.stack(predictions["beta"].to_list())
 
 
+BEST_TEST = "best epoch on test subject (optimistic)"
+
+
 def protocol_gap(runs, epoch_selection: str) -> pd.DataFrame:
     """Scores of the chosen epoch, the last epoch and the best epoch on each test subject (optimistic), each the
     mean over the runs of its per-run scores, so every row compares the same runs and the chosen epoch matches
@@ -177,8 +179,7 @@ def protocol_gap(runs, epoch_selection: str) -> pd.DataFrame:
         runs = [p for _, p in runs.groupby("seed")] if "seed" in runs else [runs]
     if not runs:
         raise ValueError("protocol_gap: no runs given; pass results.aman_runs(results_dir, metrics)")
-    columns = {f"chosen epoch ({epoch_selection})": "pred", "last epoch": "pred_last",
-               "best epoch on test subject (optimistic)": "pred_best_test"}
+    columns = {f"chosen epoch ({epoch_selection})": "pred", "last epoch": "pred_last", BEST_TEST: "pred_best_test"}
     predictions = [getattr(r, "predictions", r) for r in runs]
     return pd.DataFrame({row: pd.DataFrame([scores(p["gt"], p[col]) for p in predictions]).mean()
                          for row, col in columns.items()}).T.astype({"n": int})
@@ -252,10 +253,10 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
             **{f"{m}_ci": [float(row[f"{m}_ci_lo"]), float(row[f"{m}_ci_hi"])] for m in ("uf1", "uar")},
             "per_seed": {m: mine[m].astype(float).tolist() for m in ("uf1", "uar", "accuracy")}}
     aman = ablations[reference]
-    optimistic = pd.DataFrame([scores(r.predictions["gt"], r.predictions["pred_best_test"]) for r in runs.values()])
     subsets = sweep.scores[(sweep.scores["variant"] == reference)].groupby("subset")[["uf1", "uar", "accuracy"]].mean()
     fields = {
-        "dataset": info["dataset"], "synthetic_regime": info["synthetic_regime"], "label_protocol": info["label_protocol"],
+        "dataset": info["dataset"], "synthetic_regime": info["synthetic_regime"],
+        "label_protocol": info["label_protocol"],
         "epoch_selection": cfg["epoch_selection"], "optimistic": first.optimistic,
         "model": "AMAN, frozen layer4" if cfg["frozen_layer4"] else "AMAN", "backbone": cache.backbone["name"],
         "magnifier": cache.inputs["magnifier"]["name"], "factors": cache.factors, "n_frames": cache.inputs["n_frames"],
@@ -266,7 +267,8 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
         "uf1": aman["uf1"], "uar": aman["uar"], "accuracy": aman["accuracy"],
         "uf1_ci": aman["uf1_ci"], "uar_ci": aman["uar_ci"],
         "per_subset": subsets.to_dict(orient="index"),
-        "paper_protocol_on_same_run": optimistic.mean().to_dict(),
+        "paper_protocol_on_same_run": protocol_gap(list(runs.values()), cfg["epoch_selection"]).loc[BEST_TEST]
+                                      .to_dict(),
         "ablations": ablations,
         "comparisons": [] if comparisons is None else [
             {"a": r.a, "b": r.b, "metric": r.metric, "diff": float(r.diff), "ci": [float(x) for x in r.ci],
@@ -418,7 +420,8 @@ def readme_table(metrics: dict) -> str:
     head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
     rows = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
     regime = f", {metrics['synthetic_regime']} regime" if metrics.get("synthetic_regime") else ""
-    run = (f"{metrics['model']} on {metrics['dataset']}{regime} ({metrics['clips']} clips, {metrics['subjects']} subjects, "
+    run = (f"{metrics['model']} on {metrics['dataset']}{regime} ({metrics['clips']} clips, "
+           f"{metrics['subjects']} subjects, "
            f"label protocol {metrics['label_protocol']}), epoch selection {metrics['epoch_selection']}"
            f"{' (' + OPTIMISTIC + ')' if metrics['optimistic'] else ''}, backbone "
            f"{metrics['backbone']}, magnifier {metrics['magnifier']} at factors {metrics['factors']}, "
@@ -447,8 +450,8 @@ def regime_verdict(metrics: dict) -> str:
     factor, no magnification and the oracle; the oracle against the best single factor (can adapting pay at all?);
     the best single factor per tertile of true motion; the mechanism check."""
     uf1 = {c["b"]: c for c in metrics["comparisons"] if c["metric"] == "uf1"}
-    singles = {v: a["uf1"] for v, a in metrics["ablations"].items() if v.startswith("single factor")}
-    best = max(singles, key=singles.get)
+    from .stats import single_factors
+    best = max(single_factors(metrics["ablations"]), key=lambda v: metrics["ablations"][v]["uf1"])
     said = [f"AMAN minus the best single factor ({best}) {_diff(uf1[best])}"]
     if "no magnification" in uf1:
         said.append(f"minus no magnification {_diff(uf1['no magnification'])}")

@@ -21,9 +21,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def mps_available() -> bool:
+    """Whether this machine has Apple's MPS device."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def device_available(device: str) -> bool:
+    """Whether this machine has the device 'cpu', 'mps', 'cuda' or 'cuda:N'."""
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.is_available() and index < torch.cuda.device_count()
+    return device != "mps" or mps_available()
 
 
 class _TextBar(std_tqdm):

@@ -157,7 +157,7 @@ def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None,
     runs = {}
     for target, part in choice.groupby("target_px", sort=False):
         slots = part["slot"].to_numpy()
-        one = torch.stack([tensor[i, :, s:s + 1] for i, s in enumerate(slots)])  # N, F, 1, ...: the chosen slots
+        one = tensor[torch.arange(len(slots)), :, torch.tensor(slots)].unsqueeze(2)  # N, F, 1, ...: the chosen slots
         keyed = Keyed(one, key_of({"oracle": key, "slots": slots.tolist(), "target_px": float(target)}), None,
                       _fix(prepared))
         runs.update(run_sweep(keyed, index, cfg, [Variant(name(target), (0,))], seeds, runs_dir, None,

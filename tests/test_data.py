@@ -435,3 +435,32 @@ def test_square_box_stays_inside_the_image():
     assert square_box((0, 0, 40, 20), 0.5, (100, 100)) == (0, 0, 80, 80)
     assert square_box((80, 70, 20, 20), 0.5, (100, 100)) == (60, 60, 100, 100)
     assert square_box((10, 10, 200, 200), 0.5, (120, 90)) == (0, 30, 90, 120)
+
+
+def test_the_regimes_write_the_same_layout_and_differ_only_in_their_motion(tmp_path):
+    """narrow and wide (issue 20) change only the documented motion fields; both write CASME II's layout, and the
+    wide set's true motion spans its wider range."""
+    from amanlib.data import SYNTHETIC_REGIMES, SyntheticConfig, regime_of, synthetic_config, synthetic_root
+    from amanlib.data.synthetic import resolve_config
+    from dataclasses import asdict
+    narrow, wide = asdict(synthetic_config("narrow")), asdict(synthetic_config("wide"))
+    assert {k for k in narrow if narrow[k] != wide[k]} == set(SYNTHETIC_REGIMES["wide"])
+    assert synthetic_config("narrow") == SyntheticConfig()  # the default: its cache keys and frames stay as they were
+    assert [regime_of(synthetic_config(r, n_subjects=3)) for r in ("narrow", "wide")] == ["narrow", "wide"]
+    assert regime_of(SyntheticConfig(max_peak_px=3.0)) == "custom"
+    with pytest.raises(ValueError, match="regime or a config, not both"):
+        resolve_config(SyntheticConfig(), "wide")
+    with pytest.raises(ValueError, match="one of \\('narrow', 'wide'\\)"):
+        synthetic_config("adaptive")
+    small = dict(n_subjects=3, clips_per_subject=3, frames=8, frames_jitter=1, size=64)
+    tables = {r: make_synthetic(tmp_path, regime=r, **small) for r in ("narrow", "wide")}
+    assert list(tables["narrow"].columns) == list(tables["wide"].columns)
+    for r, table in tables.items():
+        root = synthetic_root(tmp_path, regime=r, **small)
+        assert root == Path(table["frames_dir"].iloc[0]).parents[2]
+        assert sorted(p.relative_to(root / "Cropped").parts[:2] for p in (root / "Cropped").glob("sub*/EP*")) == \
+            sorted((s, c) for s, c in zip(table["subject"], table["clip"]))
+        peak = read_truth(root)["peak_px"]
+        lo, hi = (SYNTHETIC_REGIMES[r]["subject_peak_px"][0] * SYNTHETIC_REGIMES[r]["clip_peak_jitter"][0],
+                  SYNTHETIC_REGIMES[r]["max_peak_px"])
+        assert lo <= peak.min() and peak.max() <= hi

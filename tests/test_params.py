@@ -232,9 +232,9 @@ def test_bf16_where_it_would_be_emulated_is_refused_before_any_work(monkeypatch,
     with pytest.raises(ValueError) as e:
         params.validate({"precision": "bf16", "device": "cpu"}, params.NOTEBOOKS)
     assert str(e.value) == ("precision (03_feature_extraction): bf16 is emulated on this CPU (no avx512_bf16/amx_bf16 "
-                            "flag): measured 8.6x (an AVX2 CPU) to 14x (bench/precision.py, AVX2 simulated) slower than "
-                            "fp32 for a ResNet-18 training step; use precision 'auto' or 'fp32', or 'bf16_emulated' to "
-                            "run it anyway")
+                            "flag): measured 8.6x (an AVX2 CPU) to 14x (bench/precision.py, AVX2 simulated) slower "
+                            "than fp32 for a ResNet-18 training step; use precision 'auto' or 'fp32', or "
+                            "'bf16_emulated' to run it anyway")
     assert asked == ["cpu"]
     values = {**params.declared("03_feature_extraction"), "results_dir": str(tmp_path), "data_dir": str(tmp_path),
               "precision": "bf16"}
@@ -464,7 +464,7 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(monkeypatch, dev
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda:3")  # cuda:3 on a machine with 1 GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1 if device == "cuda:3" else 0)
-    monkeypatch.setattr(params, "_mps_here", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ValueError, match=rf"device \(02_magnification, 03_feature_extraction, 04_training\): "
                                          rf"'{device}' is not on this machine .*use 'auto' or 'cpu'"):
         params.validate({"device": device}, params.NOTEBOOKS)

@@ -76,12 +76,19 @@ def synthetic_config(regime: str = "narrow", **overrides) -> SyntheticConfig:
     return _config(SyntheticConfig, SyntheticConfig(**SYNTHETIC_REGIMES[regime]), overrides)
 
 
+def resolve_config(config: SyntheticConfig | None = None, regime: str | None = None, **overrides) -> SyntheticConfig:
+    """The config a set is made from: a regime's or `config` (default SyntheticConfig(), the narrow regime), with
+    field overrides on top."""
+    if regime is not None and config is not None:
+        raise ValueError("pass a synthetic regime or a config, not both")
+    return synthetic_config(regime, **overrides) if regime is not None else _config(SyntheticConfig, config, overrides)
+
+
 def regime_of(cfg: SyntheticConfig) -> str:
     """The regime whose motion fields a config has, or 'custom'."""
     fields = asdict(cfg)
     return next((name for name, values in SYNTHETIC_REGIMES.items()
-                 if all(fields[k] == tuple(v) if isinstance(v, tuple) else fields[k] == v
-                        for k, v in values.items())), "custom")
+                 if all(fields[k] == v for k, v in values.items())), "custom")
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,7 @@ def _write_sheet(path: Path, rows: list[list]) -> None:
 def synthetic_root(root: str | Path, seed: int = 0, config: SyntheticConfig | None = None, regime: str | None = None,
                    **overrides) -> Path:
     """The folder under root that holds (or will hold) the synthetic set of this seed and config (or regime)."""
-    cfg = synthetic_config(regime, **overrides) if regime is not None else _config(SyntheticConfig, config, overrides)
-    return cache.Entry(root, _micro_inputs(seed, cfg), "synthetic").path
+    return cache.Entry(root, _micro_inputs(seed, resolve_config(config, regime, **overrides)), "synthetic").path
 
 
 def _micro_inputs(seed: int, cfg: SyntheticConfig) -> dict:
@@ -213,9 +219,7 @@ def make_synthetic(root: str | Path, seed: int = 0, config: SyntheticConfig | No
     set SyntheticConfig fields, e.g. make_synthetic(root, n_subjects=4); `regime` (narrow | wide) starts from
     that regime's config instead of `config`. The truth per clip (peak displacement, blink frame, ...) is in
     synthetic_root(...)/synthetic_truth.csv (read_truth)."""
-    if regime is not None and config is not None:
-        raise ValueError("make_synthetic: pass a regime or a config, not both")
-    cfg = synthetic_config(regime, **overrides) if regime is not None else _config(SyntheticConfig, config, overrides)
+    cfg = resolve_config(config, regime, **overrides)
     if label_protocol not in SYNTHETIC_PROTOCOLS:
         raise ValueError(f"label_protocol {label_protocol!r} cannot label the synthetic set (it has CASME II's "
                          f"emotions); use one of {sorted(SYNTHETIC_PROTOCOLS)}")
