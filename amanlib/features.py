@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .backbone import preprocess
-from .cache import KEY_FILE, KEY_LENGTH, STAMP_FILE, Entry, file_digest, tensor_digest
+from .cache import KEY_FILE, KEY_LENGTH, STAMP_FILE, Entry, damage, file_digest, tensor_digest
 from .data import load_clip_frames, select_frame_numbers, select_frames
 from .executors import as_executor
 from .fer import FER_BLOB_SHA1, FER_URL, download_fer_checkpoint  # noqa: F401  (public here too)
@@ -273,6 +273,9 @@ def load_feature_cache(root: str | Path, index=None) -> FeatureCache:
     path = root / key[:KEY_LENGTH]
     if not (path / STAMP_FILE).is_file():
         raise ValueError(f"feature cache {path} is incomplete: {REBUILD}; it resumes where it stopped")
+    problem = damage(path)
+    if problem is not None:
+        raise ValueError(f"feature cache {path} is damaged ({problem}): {REBUILD}; it replaces the damaged folder")
     cache = _open(path, key)
     if index is not None:
         check_matches(cache, index)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
@@ -22,6 +23,17 @@ def make_layer4(in_channels: int = 256) -> nn.Sequential:
     """ResNet-18 layer4: two BasicBlocks, in_channels -> 512, stride 2 (torchvision naming)."""
     downsample = nn.Sequential(conv1x1(in_channels, 512, stride=2), nn.BatchNorm2d(512))
     return nn.Sequential(BasicBlock(in_channels, 512, stride=2, downsample=downsample), BasicBlock(512, 512))
+
+
+def attention_weights(scores: torch.Tensor, on, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMAN's attention sigmoid(s) and the weights of its weighted mean, sigmoid(s) / sum over `dim`, computed as
+    softmax(log sigmoid(s)): the same numbers, but still defined when every sigmoid underflows to 0 (scores below
+    about -100, e.g. after a large learning rate), where the paper's ratio gives 0 / 0 = NaN. Where `on` (a bool or
+    a broadcastable bool tensor) is False the attention is ones and the weights uniform (the ablations)."""
+    on = torch.as_tensor(on, device=scores.device)
+    attention = torch.where(on, torch.sigmoid(scores), 1.0)
+    weights = torch.where(on, torch.softmax(F.logsigmoid(scores), dim), 1.0 / scores.shape[dim])
+    return attention, weights
 
 
 class AMAN(nn.Module):
@@ -43,8 +55,9 @@ class AMAN(nn.Module):
         if self.layer4 is not None and layer4_bn == "per_slice":
             use_group_batch_norm(self.layer4)  # same state dict; BatchNorm batches set in pool
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # magnification attention
-        self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())  # frame attention
+        # magnification and frame attention; attend applies the sigmoid through attention_weights
+        self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
+        self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
         self.pred_fc = nn.Linear(512, num_classes)
         if init_layer4_from is not None:
             self.load_layer4(init_layer4_from)
@@ -75,12 +88,13 @@ class AMAN(nn.Module):
     def attend(self, f: torch.Tensor):
         """Alpha over factors, then beta over frames, then the classifier: f B, F, K, 512 -> logits, alpha, beta.
 
-        With use_alpha / use_beta off, that attention is replaced by ones (a plain mean), for the ablations.
+        With use_alpha / use_beta off, that attention is replaced by ones (a plain mean), for the ablations. The
+        weighted means are sum(alpha f) / sum(alpha), computed by attention_weights so that they stay finite.
         """
-        alpha = self.alpha(f) if self.use_alpha else f.new_ones(*f.shape[:3], 1)  # B, F, K, 1
-        v_frame = (alpha * f).sum(2) / alpha.sum(2)  # B, F, 512
-        beta = self.beta(v_frame) if self.use_beta else f.new_ones(*f.shape[:2], 1)  # B, F, 1
-        v = (beta * v_frame).sum(1) / beta.sum(1)  # B, 512
+        alpha, w_alpha = attention_weights(self.alpha[0](f), self.use_alpha, 2)  # B, F, K, 1
+        v_frame = (w_alpha * f).sum(2)  # B, F, 512
+        beta, w_beta = attention_weights(self.beta[0](v_frame), self.use_beta, 1)  # B, F, 1
+        v = (w_beta * v_frame).sum(1)  # B, 512
         return self.pred_fc(v), alpha.squeeze(-1), beta.squeeze(-1)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):

@@ -130,22 +130,85 @@ def _writable_folder(folder: Path) -> Path:
     return folder
 
 
-@contextmanager
-def _locked(folder: Path):
-    """Hold folder/.amanlib.lock for the whole run; a second run into the same folder fails at once."""
-    lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+LOCK_HELD_ENV = "AMANLIB_RESULTS_LOCKED"
+"""Set by run-notebooks for its kernels to the results folder it holds the lock of, so their cells do not claim it."""
+
+
+def _acquire(lock: FileLock, folder: Path) -> None:
+    """Take the results-folder lock now, or stop with one line naming the folder and what to do."""
     try:
         lock.acquire()
     except Timeout:
         raise RuntimeError(f"another run is using the results folder {folder} (it holds {folder / LOCK_NAME}); "
-                           "wait for it to finish or choose another results folder (--results)") from None
+                           "wait for it to finish or choose another results folder (--results, or the "
+                           "results_dir parameter)") from None
     except OSError as e:
         raise ValueError(f"results folder {folder}: cannot create the lock file {LOCK_NAME}: "
                          f"{e.strerror or e}") from None
+
+
+@contextmanager
+def _locked(folder: Path):
+    """Hold folder/.amanlib.lock for the whole run; a second run into the same folder fails at once."""
+    lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+    _acquire(lock, folder)
+    previous = os.environ.get(LOCK_HELD_ENV)
+    os.environ[LOCK_HELD_ENV] = str(folder.resolve())  # the kernels started meanwhile inherit it
     try:
         yield
     finally:
+        if previous is None:
+            os.environ.pop(LOCK_HELD_ENV, None)
+        else:
+            os.environ[LOCK_HELD_ENV] = previous
         lock.release()
+
+
+_CLAIM: dict = {}  # this kernel's claimed results folder: its lock and IPython hooks
+
+
+def claim_results_folder(folder: str | Path, shell=None) -> None:
+    """Hold the results-folder lock while each cell of this kernel runs (JupyterLab, papermill without
+    run-notebooks), so such a notebook and a run-notebooks run into the same folder never interleave: whichever
+    comes second stops with one error. Every later cell claims it again before its code runs (an IPython input
+    transformer; a hook could not stop the cell) and frees it when it ends, so idle kernels block nobody. Nothing
+    outside IPython, or in the kernels of run-notebooks (whose process holds the lock for the whole run)."""
+    folder = Path(folder).resolve()
+    shell = shell if shell is not None else _ipython()
+    if shell is None or os.environ.get(LOCK_HELD_ENV) == str(folder):
+        return
+    if _CLAIM.get("folder") != folder:
+        _release_claim(shell)
+        lock = FileLock(str(folder / LOCK_NAME), timeout=0)
+        transform = lambda lines: ["__import__('amanlib.notebooks').notebooks._hold_claim()\n", *lines]  # noqa: E731
+        free = lambda *_: lock.release(force=True) if lock.is_locked else None  # noqa: E731
+        _CLAIM.update(folder=folder, lock=lock, transform=transform, free=free)
+        shell.input_transformers_post.append(transform)
+        shell.events.register("post_run_cell", free)
+    _hold_claim()  # the cell running now
+
+
+def _hold_claim() -> None:
+    if _CLAIM and not _CLAIM["lock"].is_locked:
+        _acquire(_CLAIM["lock"], _CLAIM["folder"])
+
+
+def _release_claim(shell) -> None:
+    """Forget an earlier claim of this kernel (its results_dir changed)."""
+    if not _CLAIM:
+        return
+    shell.input_transformers_post.remove(_CLAIM["transform"])
+    shell.events.unregister("post_run_cell", _CLAIM["free"])
+    _CLAIM["free"]()
+    _CLAIM.clear()
+
+
+def _ipython():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
 
 
 def run_notebooks(params: dict | None = None, only: str | None = None, results_dir: str | Path | None = None,

@@ -25,6 +25,7 @@ import torch
 from .fidelity import FIDELITIES, PRESETS, preset_name
 from .runtime import PRECISIONS, device_available, mps_available, resolve_precision
 from .data.synthetic import REGIMES
+from .magnify import METHODS as MAGNIFIERS
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ _PARAMS = [
     Param("clip", Kind.INT, None, (_MAG,), "row of the clip table; None: the clip with the largest apex motion",
           none_ok=True, min=0, expect="an integer >= 0 (a row of the clip table)"),
     Param("methods", Kind.STRS, ["learning", "eulerian", "phase"], (_MAG,), "magnifiers compared",
-          choices=("learning", "eulerian", "phase")),
+          choices=MAGNIFIERS),
     Param("sweep_factors", Kind.FLOATS, [1, 2, 4, 6, 8, 10, 12], (_MAG,),
           "magnification factors of the sweep (1: the unmagnified frame)", min=1),
     _optional_path("magnet_checkpoint", PathRole.FILE, _MAGNET,
@@ -175,7 +176,7 @@ _PARAMS = [
     Param("show_widgets", Kind.BOOL, True, (_MAG,), "interactive widgets in JupyterLab (False in headless runs)"),
     # 03_feature_extraction
     Param("magnifier", Kind.CHOICE, "learning", (_FEAT,), "magnification method of the features",
-          choices=("learning", "eulerian", "phase")),
+          choices=MAGNIFIERS),
     Param("factors", Kind.FLOATS, None, (_FEAT,),
           "magnification factors; None: 5 factors over 2-12 (the paper has 9: e.g. [2, 3.25, 4.5, ..., 12])",
           none_ok=True, min=1, rule=_factors_magnify,
@@ -499,7 +500,8 @@ def validate(values: Mapping[str, Any], notebooks: Iterable[str], *, custom: Map
 def check(notebook: str, values: Mapping[str, Any]) -> None:
     """For a notebook's first code cell: `params.check("04_training", globals())` checks the parameters that
     notebook declares (relative paths against the notebook's folder) and raises the same ValueError as
-    `validate`."""
+    `validate`; then it claims the results folder for this kernel's cells (notebooks.claim_results_folder), so a
+    notebook run in JupyterLab or by papermill and a run-notebooks run never write one folder at once."""
     nb = _notebook(notebook)
     names = declared(nb)
     missing = [name for name in names if name not in values]
@@ -507,3 +509,6 @@ def check(notebook: str, values: Mapping[str, Any]) -> None:
         raise ValueError(f"{nb}: {', '.join(missing)} not set; its parameters cell must define "
                          f"{'it' if len(missing) == 1 else 'them'}")
     _validate({name: values[name] for name in names}, [nb], {}, logger.warning)
+    if "results_dir" in names:
+        from .notebooks import claim_results_folder  # notebooks imports this module
+        claim_results_folder(values["results_dir"])

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cache import key_of
+from .cache import STAMP_FILE, damage, key_of
 from .metrics import scores, write_megc_log
 from .oracle import is_control
 from .runtime import atomic_write, machine_info
@@ -151,10 +151,14 @@ class LOSOResult:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "LOSOResult":
-        """Read back what save wrote."""
+        """Read back what save wrote; a stamped run folder is checked against its stamp first (cache.damage)."""
         run_dir = Path(run_dir)
         if not (run_dir / "predictions.csv").is_file():
             raise FileNotFoundError(f"{run_dir} holds no finished LOSO run (predictions.csv is missing)")
+        problem = damage(run_dir) if (run_dir / STAMP_FILE).is_file() else None
+        if problem is not None:
+            raise ValueError(f"LOSO run {run_dir} is damaged ({problem}): run notebook 04 (training) again; it "
+                             "trains that run again")
         p = pd.read_csv(run_dir / "predictions.csv", dtype=INDEX_DTYPES)
         attention = np.load(run_dir / "attention.npz")
         p["alpha"], p["beta"] = list(attention["alpha"]), list(attention["beta"])
@@ -238,6 +242,13 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
     from the runs, their features and the clip table they were trained on, so no field can describe another run.
     On synthetic data also `oracle` (stats.oracle_check: the positive control against the best single factor)
     and `by_motion` (stats.accuracy_by_motion, as by_motion_record writes it); None on real data."""
+    diverged = sweep.history[~np.isfinite(sweep.history["train_loss"].astype(float))]
+    if len(diverged):  # runs cached before the kit checked for divergence
+        variant, seed = diverged[["variant", "seed"]].iloc[0]
+        folder = sweep.runs[(variant, seed)].out_dir
+        raise ValueError(f"metrics.json is not written: {variant} seed {seed} has a non-finite training loss "
+                         f"({folder / 'history.csv'}; {diverged.groupby(['variant', 'seed']).ngroups} runs in all): "
+                         f"delete such run folders (rm -r {folder}) and train again")
     runs = {seed: run for (variant, seed), run in sweep.runs.items() if variant == reference}
     seeds = sorted(runs)
     first = runs[seeds[0]]

@@ -8,6 +8,7 @@ per (variant, seed, subject) confusion counts weighted by how often each subject
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -302,35 +303,49 @@ def spearman_mechanism(preferred_factor: pd.Series, truth: pd.Series, n_resample
 
 
 def preferred_factor(alpha: np.ndarray, factors) -> np.ndarray:
-    """Per clip the alpha-weighted mean factor averaged over frames, from alpha [N, F, K] over K factor slots."""
+    """Per clip the alpha-weighted mean factor averaged over frames, from alpha [N, F, K] over K factor slots. A
+    frame whose alpha is 0 for every factor (a saturated attention) has no preferred factor and is skipped; a clip
+    with no such frame gets NaN."""
     alpha, factors = np.asarray(alpha, dtype=float), np.asarray(factors, dtype=float).ravel()
     if alpha.ndim != 3 or alpha.shape[-1] != len(factors) or 0 in alpha.shape:
         raise ValueError(f"preferred_factor: alpha must be [N, F, K] with K = {len(factors)} factors and no empty "
                          f"axis, got shape {alpha.shape}")
-    if not np.isfinite(alpha).all() or (alpha < 0).any() or (alpha.sum(-1) <= 0).any():
-        raise ValueError("preferred_factor: alpha must be finite and non-negative with a positive sum per frame")
-    return (alpha @ factors / alpha.sum(-1)).mean(axis=1)
+    if not np.isfinite(alpha).all() or (alpha < 0).any():
+        raise ValueError("preferred_factor: alpha must be finite and non-negative")
+    total = alpha.sum(-1)  # N, F
+    per_frame = np.divide(alpha @ factors, total, out=np.full(total.shape, np.nan), where=total > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a clip without a weighted frame: NaN, counted by callers
+        return np.nanmean(per_frame, axis=1)
 
 
 def mechanism_data(runs, truth: pd.DataFrame) -> pd.DataFrame:
-    """Per clip: subject, true peak displacement and preferred factor averaged over the runs (AMAN's seeds)."""
-    per_run = []
+    """Per clip: subject, true peak displacement and preferred factor averaged over the runs (AMAN's seeds). Frames
+    whose alpha has no weight are skipped; attrs counts them ('frames_without_weight', over all runs) and the clips
+    left without a preferred factor in every run ('clips_without_weight'), which are dropped."""
+    per_run, skipped = [], 0
     for run in runs:
         p = run.predictions
-        factors = run.config["factors"]
+        alpha = np.stack(p["alpha"].to_list())
+        skipped += int((alpha.sum(-1) <= 0).sum())
         per_run.append(pd.DataFrame({"subject": p["subject"].astype(str), "clip": p["clip"].astype(str),
-                                     "preferred_factor": preferred_factor(np.stack(p["alpha"].to_list()), factors)}))
+                                     "preferred_factor": preferred_factor(alpha, run.config["factors"])}))
     mean = pd.concat(per_run).groupby(["subject", "clip"], sort=False, as_index=False)["preferred_factor"].mean()
-    return mean.merge(truth[["subject", "clip", "peak_px"]], on=["subject", "clip"], how="inner", validate="1:1")
+    out = mean.dropna().merge(truth[["subject", "clip", "peak_px"]], on=["subject", "clip"], how="inner",
+                              validate="1:1")
+    out.attrs.update(frames_without_weight=skipped, clips_without_weight=int(mean["preferred_factor"].isna().sum()))
+    return out
 
 
 def mechanism_check(sweep, truth: pd.DataFrame | None, reference: str = "AMAN") -> dict | None:
-    """Spearman's rho between AMAN's preferred factor and the true motion, subjects resampled; None without truth."""
+    """Spearman's rho between AMAN's preferred factor and the true motion, subjects resampled; None without truth.
+    It says how many clips it used (n) and how many frames and clips it skipped for want of alpha weight."""
     if truth is None:
         return None
     runs = [run for (variant, _), run in sweep.runs.items() if variant == reference]
     per_clip = mechanism_data(runs, truth)
-    return spearman_mechanism(per_clip["preferred_factor"], per_clip["peak_px"], clusters=per_clip["subject"])
+    return {**spearman_mechanism(per_clip["preferred_factor"], per_clip["peak_px"], clusters=per_clip["subject"]),
+            **per_clip.attrs}
 
 
 MIN_SUBJECTS = 6
@@ -350,7 +365,10 @@ def too_few_subjects(n_subjects: int | None) -> str | None:
 def mechanism_text(result: dict, n_subjects: int | None = None) -> str:
     """What the rho says, in words; nothing is concluded from fewer than MIN_SUBJECTS subjects."""
     rho, (lo, hi) = result["spearman_r"], result["ci"]
-    head = f"Spearman's rho {rho:.2f} (95% CI {lo:.2f} to {hi:.2f}, subjects resampled; n = {result['n']} clips): "
+    skipped = result.get("frames_without_weight", 0)
+    skipped = f", {skipped} frames without alpha weight skipped" if skipped else ""
+    head = (f"Spearman's rho {rho:.2f} (95% CI {lo:.2f} to {hi:.2f}, subjects resampled; n = {result['n']} clips"
+            f"{skipped}): ")
     warning = too_few_subjects(n_subjects)
     if warning:
         return f"Spearman's rho {rho:.2f} (interval {lo:.2f} to {hi:.2f}; n = {result['n']} clips). {warning}."

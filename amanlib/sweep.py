@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from .cache import Entry, key_of
 from .executors import as_executor
 from .metrics import uf1
-from .model import AMAN
+from .model import AMAN, attention_weights
 from .oracle import ORACLE_TARGET_PX, oracle_choice, oracle_name
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
-from .train import (Keyed, TrainConfig, Variant, _check_index, _finish_run, _fix, _inner_val_subject, _unpack,
-                    ablation_variants, check_finite, choose_epoch, clip_names, fold_seed, loso_folds, model_name,
-                    prepare_features, run_inputs, run_loso)
+from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, _check_index, _finish_run, _fix,
+                    _inner_val_subject, _unpack, ablation_variants, check_finite, choose_epoch, clip_names, diverged,
+                    fold_seed, loso_folds, model_name, prepare_features, run_inputs, run_loso, standardisation)
 
 RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
 PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
@@ -91,12 +91,19 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
     folds = loso_folds(index)
     with progress_bar(total=len(jobs) * len(folds), desc="training (variants x seeds x folds)",
                       disable=not progress) as bar, as_executor(executor) as ex:
-        if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
-            keyed = Keyed(tensor, key, factors, _fix(features))
-            runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar, executor=ex)
-                    for v, s, c in jobs}
-        else:
-            runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features), ex)
+        try:
+            if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
+                keyed = Keyed(tensor, key, factors, _fix(features))
+                runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar, executor=ex)
+                        for v, s, c in jobs}
+            else:
+                runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features),
+                                    ex)
+        except TrainingDiverged as e:  # name the variant, which a run's config does not hold
+            variant = next((v.name for v, _, c in jobs if c == e.cfg), None)
+            if variant is None:
+                raise
+            raise TrainingDiverged(f"{variant}: {e}", e.cfg, e.fold) from None
     return _gather(runs)
 
 
@@ -273,9 +280,9 @@ def _source(tensor: torch.Tensor, fits: list[np.ndarray], device) -> _Source:
     for fit in fits:
         if fit.tobytes() not in groups:
             groups[fit.tobytes()] = len(groups)
-            flat = x[torch.as_tensor(fit, device=device)].flatten(0, 2)  # n*F*K, 512
-            shift.append(flat.mean(0))
-            scale.append(flat.std(0).clamp(min=1e-6))
+            fit_shift, fit_scale = standardisation(x[torch.as_tensor(fit, device=device)].flatten(0, 2))  # n*F*K, 512
+            shift.append(fit_shift)
+            scale.append(fit_scale)
     mean = x.flatten(0, 2).mean(0)  # 512: near every training set's mean, so the offsets are small
     rows = torch.cat([(x - mean).view(-1, x.shape[-1]), torch.stack(shift) - mean])
     return _Source(rows, groups, torch.stack(scale), tuple(x.shape[:3]))
@@ -376,27 +383,26 @@ def _split(flat: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _forward(P: torch.Tensor, bias: torch.Tensor, alpha_on: torch.Tensor, beta_on: torch.Tensor):
     """AMAN.attend on projections: P M, J, L, F, K (w.x of alpha, beta and the C classes per frame and slot), bias
     M, J -> logits M, L, C and what the backward needs. v_frame's projections are the alpha-weighted means of P."""
-    a = torch.where(alpha_on, torch.sigmoid(P[:, 0] + bias[:, 0, None, None, None]), 1.0)  # M, L, F, K
-    a_sum = a.sum(3)  # M, L, F
-    r = (a[:, None] * P[:, 1:]).sum(4) / a_sum[:, None]  # M, 1+C, L, F: w_beta.v_frame, W_fc.v_frame
-    b = torch.where(beta_on, torch.sigmoid(r[:, 0] + bias[:, 1, None, None]), 1.0)  # M, L, F
-    b_sum = b.sum(2)  # M, L
-    v = (b[:, None] * r[:, 1:]).sum(3) / b_sum[:, None]  # M, C, L: W_fc.v
-    return v.transpose(1, 2) + bias[:, None, 2:], (P, a, a_sum, r, b, b_sum, v)
+    a, w_a = attention_weights(P[:, 0] + bias[:, 0, None, None, None], alpha_on, 3)  # M, L, F, K
+    r = (w_a[:, None] * P[:, 1:]).sum(4)  # M, 1+C, L, F: w_beta.v_frame, W_fc.v_frame
+    b, w_b = attention_weights(r[:, 0] + bias[:, 1, None, None], beta_on, 2)  # M, L, F
+    v = (w_b[:, None] * r[:, 1:]).sum(3)  # M, C, L: W_fc.v
+    return v.transpose(1, 2) + bias[:, None, 2:], (P, a, w_a, r, b, w_b, v)
 
 
 def _backward(g: torch.Tensor, saved, alpha_on: torch.Tensor, beta_on: torch.Tensor, out=None):
     """_forward's gradients by hand (autograd's graph would cost more than the head): g = dloss/dlogits M, L, C ->
-    dloss/dP M, J, L, F, K (into `out` if given) and dloss/dbias M, J."""
-    P, a, a_sum, r, b, b_sum, v = saved
-    g_mean = g.transpose(1, 2) / b_sum[:, None]  # M, C, L
-    d_b = ((r[:, 1:] - v[..., None]) * g_mean[..., None]).sum(1)  # M, L, F
-    d_beta_in = torch.where(beta_on, d_b * b * (1 - b), 0.0)  # M, L, F
-    d_r = torch.cat([d_beta_in[:, None], b[:, None] * g_mean[..., None]], 1) / a_sum[:, None]  # M, 1+C, L, F
+    dloss/dP M, J, L, F, K (into `out` if given) and dloss/dbias M, J. A weighted mean sum_k w_k x_k with
+    w = sigmoid(s) / sum(sigmoid(s)) has d/ds_k = w_k (1 - sigmoid(s_k)) (x_k - mean)."""
+    P, a, w_a, r, b, w_b, v = saved
+    g = g.transpose(1, 2)  # M, C, L
+    d_b = ((r[:, 1:] - v[..., None]) * g[..., None]).sum(1)  # M, L, F
+    d_beta_in = torch.where(beta_on, d_b * w_b * (1 - b), 0.0)  # M, L, F
+    d_r = torch.cat([d_beta_in[:, None], w_b[:, None] * g[..., None]], 1)  # M, 1+C, L, F
     d_a = ((P[:, 1:] - r[..., None]) * d_r[..., None]).sum(1)  # M, L, F, K
-    d_alpha_in = torch.where(alpha_on, d_a * a * (1 - a), 0.0)  # M, L, F, K
-    d_P = torch.cat([d_alpha_in[:, None], a[:, None] * d_r[..., None]], 1, out=out)  # M, J, L, F, K
-    d_bias = torch.cat([d_alpha_in.sum((1, 2, 3))[:, None], d_beta_in.sum((1, 2))[:, None], g.sum(1)], 1)  # M, J
+    d_alpha_in = torch.where(alpha_on, d_a * w_a * (1 - a), 0.0)  # M, L, F, K
+    d_P = torch.cat([d_alpha_in[:, None], w_a[:, None] * d_r[..., None]], 1, out=out)  # M, J, L, F, K
+    d_bias = torch.cat([d_alpha_in.sum((1, 2, 3))[:, None], d_beta_in.sum((1, 2))[:, None], g.sum(2)], 1)  # M, J
     return d_P, d_bias
 
 
@@ -414,15 +420,15 @@ def _build(source: _Source, index, folds, cfgs, num_classes, device):
     """Per model (fold-major): rows, initial head, attention switches and standardisation, as run_loso has them."""
     splits = [_splits(index, folds, cfg) for cfg in cfgs]
     models, heads = [], {}
-    for i, (_, test_rows, _) in enumerate(folds):
+    for i, (fold, test_rows, _) in enumerate(folds):
         for cfg, split in zip(cfgs, splits):
             seed = fold_seed(cfg, i)
             if seed not in heads:  # the head run_loso draws for this fold's seed
                 torch.manual_seed(seed)
                 heads[seed] = AMAN(num_classes, layer4=False).state_dict()
             val, fit = split[i]
-            models.append({"cfg": cfg, "seed": seed, "test": test_rows, "fit": fit, "val": val, "head": heads[seed],
-                           "group": source.groups[fit.tobytes()]})
+            models.append({"cfg": cfg, "fold": fold, "seed": seed, "test": test_rows, "fit": fit, "val": val,
+                           "head": heads[seed], "group": source.groups[fit.tobytes()]})
     names = ("alpha.0", "beta.0", "pred_fc")
     weights = torch.stack([torch.cat([d["head"][f"{n}.weight"] for n in names]) for d in models])  # M, J, 512
     biases = torch.stack([torch.cat([d["head"][f"{n}.bias"] for n in names]) for d in models])  # M, J
@@ -516,6 +522,7 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int
     for epoch in range(cfg.epochs):
         order = _shuffled(models, generators, len(mask), B, device)  # S, M, B
         loss_sum, correct = state.epoch(order, labels, num_classes, lr, cfg)
+        _check_diverged(program, models, loss_sum, epoch)
         log["history"].append({"lr": lr, "train_loss": loss_sum.cpu(), "train_acc": correct.cpu()})
         if (epoch + 1) % cfg.step_size == 0:
             lr = lr * cfg.gamma  # StepLR(step_size, gamma), stepped once per epoch
@@ -531,6 +538,20 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int
         if tick:
             tick(epoch + 1)
     return log
+
+
+def _check_diverged(program: _Program, models, loss_sum: torch.Tensor, epoch: int) -> None:
+    """Raise TrainingDiverged for the first model whose epoch loss or parameters are not finite (one check per
+    epoch; the loss is read back anyway)."""
+    weights, biases = _split(program.theta, program.n_out)
+    finite_theta = torch.isfinite(weights).all(2).all(1) & torch.isfinite(biases).all(1)  # M
+    bad = (~torch.isfinite(loss_sum.to(finite_theta.device)) | ~finite_theta).nonzero().flatten()
+    if len(bad):
+        m = int(bad[0])
+        what = (f"the training loss is {float(loss_sum[m]):.4g}" if not torch.isfinite(loss_sum[m])
+                else "a parameter became non-finite")
+        raise diverged(models[m]["cfg"], models[m]["fold"], epoch, f"{what} ({len(bad)} of {len(models)} models of "
+                                                                   "this batch diverged)")
 
 
 class _State:

@@ -126,6 +126,19 @@ def _place(features: torch.Tensor, device: torch.device) -> torch.Tensor:
     return features
 
 
+CONSTANT_CHANNEL = 1e-3
+"""A channel whose standard deviation over a fold's training maps is below this share of the mean one is taken as
+constant there (e.g. a ReLU channel that never fires): it is centred but not divided, since dividing by ~0 would blow
+a test clip's value of it up by up to 1e6 and with it the logits and the loss."""
+
+
+def standardisation(fit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel shift and scale of the frozen-layer4 path from one fold's training maps fit [n, 512]: the mean,
+    and the standard deviation where the channel varies (CONSTANT_CHANNEL), else 1."""
+    std = fit.std(0)
+    return fit.mean(0), torch.where(std > CONSTANT_CHANNEL * std.mean(), std, torch.ones_like(std))
+
+
 class _Fold:
     """One fold's training: a fresh model, RMSprop + StepLR, predictions on the test rows after every epoch."""
 
@@ -136,8 +149,7 @@ class _Fold:
         self.shift, self.scale = 0.0, 1.0
         if self.pooled:  # frozen layer4: standardise each of the 512 channels with this fold's training clips
             fit = features[torch.as_tensor(fit_rows if fit_rows is not None else np.arange(len(features)))]
-            fit = fit.to(device, torch.float32).flatten(0, 2)  # n*F*K, 512
-            self.shift, self.scale = fit.mean(0), fit.std(0).clamp(min=1e-6)
+            self.shift, self.scale = standardisation(fit.to(device, torch.float32).flatten(0, 2))  # n*F*K, 512
         torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.model = AMAN(num_classes, in_channels=256 if self.pooled else features.shape[3],
@@ -230,6 +242,29 @@ def choose_epoch(history: list[dict], epoch_selection: str) -> tuple[int, int, i
     return (best_test if epoch_selection == "paper" else kept - 1), best_test, kept
 
 
+class TrainingDiverged(RuntimeError):
+    """A run whose loss, parameters or outputs became non-finite: never a result, nothing of it is cached. `cfg` and
+    `fold` say which run (a sweep adds the variant's name)."""
+
+    def __init__(self, message: str, cfg: TrainConfig | None = None, fold: str | None = None):
+        super().__init__(message)
+        self.cfg, self.fold = cfg, fold
+
+
+def diverged(cfg: TrainConfig, fold: str, epoch: int, what: str) -> TrainingDiverged:
+    """The error for a run that diverged at `epoch` of `fold` (what: e.g. 'the training loss is nan')."""
+    slots = "all factor slots" if cfg.factor_slots is None else f"factor slots {list(cfg.factor_slots)}"
+    return TrainingDiverged(
+        f"training diverged (seed {cfg.seed}, {slots}, alpha {'on' if cfg.use_alpha else 'off'}, beta "
+        f"{'on' if cfg.use_beta else 'off'}; fold {fold}, epoch {epoch}): {what}. Likely cause: a learning rate too "
+        f"large for these features (lr {cfg.lr:g}; try a tenth) or features with extreme values. Nothing of this run "
+        "is cached; fix the cause and run again", cfg, fold)
+
+
+def _finite_state(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, index: pd.DataFrame,
                test_rows: np.ndarray, train_rows: np.ndarray, num_classes: int, device: torch.device,
                seed: int) -> dict:
@@ -242,6 +277,10 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
     for epoch in range(cfg.epochs):
         lr = fold.optimizer.param_groups[0]["lr"]
         loss, acc = fold.train_epoch(fit_rows)
+        if not np.isfinite(loss) or not _finite_state(fold.model):
+            name = f"{index['dataset'].iloc[test_rows[0]]}/{index['subject'].iloc[test_rows[0]]}"
+            raise diverged(cfg, name, epoch, f"the training loss is {loss:.4g}" if not np.isfinite(loss)
+                           else "a parameter became non-finite")
         pred, alpha, beta = fold.predict(test_rows)
         per_epoch.append((pred, alpha, beta))
         row = {"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc": acc, "test_acc": float((pred == gt).mean())}
@@ -382,14 +421,19 @@ def _check_index(index: pd.DataFrame) -> torch.Tensor:
     return labels
 
 
+ENGINE = 2
+"""The version of the training arithmetic, part of every run's key: 2 made the attention means finite when every
+sigmoid underflows (model.attention_weights) and stopped dividing constant channels by ~0 (standardisation)."""
+
+
 def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig) -> dict:
-    """What decides a run's numbers: the features, the clip table's rows in order and the settings."""
+    """What decides a run's numbers: the features, the clip table's rows in order, the settings and the engine."""
     record = dataclasses.asdict(cfg)
     for name in ("device", "num_workers"):  # where it runs, not what it computes
         record.pop(name)
     record["init_layer4_from"] = _layer4_weights(cfg.init_layer4_from, cfg.seed) if cfg.init_layer4_from else None
     rows = index[list(INDEX_COLUMNS)].astype(str).agg("/".join, axis=1).tolist()
-    return {"features": features_key, "index": rows, "config": record}
+    return {"features": features_key, "index": rows, "config": record, "engine": ENGINE}
 
 
 def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,

@@ -1,5 +1,7 @@
 """Benchmark the magnifiers: images/s, batched over K factors vs one call per factor, plus FLOPs per stage.
 
+The Lagrangian magnifier's optical flow runs in OpenCV, which FlopCounterMode cannot see: its FLOPs are its warps.
+
 The per-factor baseline re-runs the whole pipeline for every factor, as the authors' demo does (their
 network is re-encoded for each amplification). FLOPs (convolutions/matmuls, counted by
 torch.utils.flop_counter; FFTs are not counted) let a GPU time be estimated from a device's throughput.
@@ -89,6 +91,7 @@ def variants(device: torch.device, checkpoint: Path | None, cpu_bf16: bool, comp
         print("learning: no checkpoint found (pass --checkpoint); skipped", file=sys.stderr)
     yield "eulerian", "default", load_magnifier("eulerian")
     yield "phase", "default", load_magnifier("phase")
+    yield "lagrangian", "default", load_magnifier("lagrangian")
 
 
 def measure(magnifier, onset, frames, factors: list[float], repeats: int, baseline: bool) -> list[dict]:

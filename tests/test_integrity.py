@@ -186,6 +186,11 @@ def test_a_corrupt_feature_cache_is_named_and_the_advice_works(tmp_path):
     data[1, 0, 1, 5] = np.nan  # a bit flip on disk, a NaN from a broken magnifier run, ...
     data.flush()
     del data
+    with pytest.raises(ValueError, match="damaged"):  # changed after its stamp: the digest tells
+        load_feature_cache(tmp_path / "features", index)
+    stamp = json.loads((built.path / cache.STAMP_FILE).read_text())  # a NaN there when the stamp was written
+    stamp[cache.FILES]["features.f16"][cache.DIGEST] = cache.file_digest(built.path / "features.f16")
+    (built.path / cache.STAMP_FILE).write_text(json.dumps(stamp))
     cache_ = load_feature_cache(tmp_path / "features", index)
     for cfg in (TrainConfig(**FAST), TrainConfig(**FAST, frozen_layer4=True)):
         with pytest.raises(ValueError, match=r"synthetic/sub01/EP02_01.*rm -r (\S+)\)") as err:

@@ -1,4 +1,5 @@
-"""Motion magnification: the authors' outputs reproduced, batching exact, known motion magnified, bad input refused."""
+"""Motion magnification: the authors' outputs reproduced, batching exact, known motion magnified, bad input refused,
+and the synthetic set's magnified truth."""
 import math
 
 import numpy as np
@@ -11,7 +12,9 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from amanlib.magnify import (
     MAGNET_SHA256,
+    METHODS,
     EulerianMagnifier,
+    LagrangianMagnifier,
     LearningBasedMagnifier,
     PhaseMagnifier,
     download_magnet_checkpoint,
@@ -175,6 +178,7 @@ def test_checkpoint_verification_and_download_path(tmp_path, reference):
 CLASSIC = [
     pytest.param(lambda: EulerianMagnifier(lambda_c=8.0), id="eulerian"),
     pytest.param(lambda: PhaseMagnifier(), id="phase"),
+    pytest.param(lambda: LagrangianMagnifier(), id="lagrangian"),
 ]
 
 
@@ -228,7 +232,7 @@ def test_classic_batched_equals_per_factor(make):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("name", ["eulerian", "phase"])
+@pytest.mark.parametrize("name", ["eulerian", "phase", "lagrangian"])
 def test_bad_input_gets_clear_errors(name):
     m = load_magnifier(name)
     x = torch.rand(2, 3, 32, 32)
@@ -262,6 +266,10 @@ def test_load_magnifier_builds_each_method(reference):
     assert isinstance(load_magnifier("learning", checkpoint=ckpt, device="cpu"), LearningBasedMagnifier)
     assert load_magnifier("eulerian", lambda_c=30.0).config.lambda_c == 30.0
     assert load_magnifier("phase", sigma=0.0, device="cpu").config.sigma == 0.0
+    assert load_magnifier("lagrangian", flow="farneback", device="cpu").config.flow == "farneback"
+    assert METHODS == ("learning", "eulerian", "phase", "lagrangian")
+    with pytest.raises(ValueError, match="flow must be one of"):
+        load_magnifier("lagrangian", flow="lucas-kanade")
 
 
 def test_default_checkpoint_location_follows_env(monkeypatch, tmp_path):
@@ -270,7 +278,7 @@ def test_default_checkpoint_location_follows_env(monkeypatch, tmp_path):
         load_magnifier("learning", device="cpu")
 
 
-@pytest.mark.parametrize("name", ["learning", "eulerian", "phase"])
+@pytest.mark.parametrize("name", METHODS)
 def test_one_onset_for_all_frames_equals_the_onset_repeated(name, reference):
     """magnify_clip passes the clip's onset once ([1, 3, H, W]): prepared once, same result as repeating it."""
     m = load_magnifier(name, checkpoint=reference("magnet", "learning_based_mag.pth.tar"), device="cpu") \
@@ -280,3 +288,92 @@ def test_one_onset_for_all_frames_equals_the_onset_repeated(name, reference):
     once = m(onset, frames, [1.0, 3.0, 6.0])
     repeated = m(onset.expand(3, -1, -1, -1), frames, [1.0, 3.0, 6.0])
     torch.testing.assert_close(once, repeated, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- Lagrangian
+
+@pytest.mark.parametrize("flow", ["dis", "farneback"])
+def test_lagrangian_moves_a_translation_a_times(flow):
+    """A sub-pixel shift d of a smooth texture comes out shifted by a * d within 10 %, up to a * |d| = 8.5 px."""
+    d = torch.tensor([0.15, 0.4], dtype=torch.float64)  # dy, dx
+    onset = smooth_texture(128, 128, sigma=3.0, seed=4)
+    frame = fourier_shift(onset, *d.tolist()).clamp(0, 1)
+    factors = [2.0, 4.0, 7.0, 10.0, 20.0]
+    out = LagrangianMagnifier(flow=flow)(onset, frame, factors)
+    for k, a in enumerate(factors):
+        measured = global_translation(onset, out[:, k], margin=16)
+        assert torch.linalg.norm(measured - a * d) < 0.1 * a * torch.linalg.norm(d), (a, measured.tolist())
+
+
+def test_lagrangian_contract_and_determinism():
+    """[B, K, 3, H, W] in [0, 1] at an odd, non-square size, factor 1 the frame, the same bytes on every run."""
+    onset = smooth_texture(61, 90, sigma=2.0, seed=5)
+    frames = torch.cat([fourier_shift(onset, 0.3, -0.2), fourier_shift(onset, -0.5, 0.1)]).clamp(0, 1)  # B = 2
+    runs = [LagrangianMagnifier()(onset, frames, [1.0, 3.0, 12.0]) for _ in range(2)]
+    out = runs[0]
+    assert out.shape == (2, 3, 3, 61, 90) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out[:, 0] - frames).abs().max() < 1e-5
+    assert out[:, 1:].sub(frames[:, None]).abs().amax() > 0.05
+    assert runs[0].numpy().tobytes() == runs[1].numpy().tobytes()
+
+
+# ---------------------------------------------------------------- the synthetic truth
+
+@pytest.fixture(scope="module")
+def drifting_set(tmp_path_factory):
+    """A small synthetic set whose heads drift 0.8 px at most, without blinks or flicker; its folder and clip table."""
+    from amanlib.data import make_synthetic, synthetic_root
+
+    settings = dict(seed=2, n_subjects=2, clips_per_subject=3, drift_px=0.8, blink_prob=0.0, flicker=0.0)
+    root = tmp_path_factory.mktemp("truth")
+    return synthetic_root(root, **settings), make_synthetic(root, **settings)
+
+
+def test_truth_at_factor_one_is_the_generated_clip(drifting_set):
+    """Every frame of a clip at factor 1 equals the JPEG the generator wrote, within its noise and compression."""
+    from amanlib.data import clip_frame_paths, load_clip_frames, render_magnified_truth
+
+    folder, index = drifting_set
+    for _, row in index.iloc[[0, 4]].iterrows():
+        truth = render_magnified_truth(folder, row["subject"], row["clip"], [1.0])
+        written = load_clip_frames(clip_frame_paths(row))  # F, 3, H, W
+        assert truth.images.shape == (len(written), 1, 3, 128, 128)
+        assert truth.motion.shape == (len(written), 2, 128, 128)
+        error = (truth.images[:, 0] - written).abs().mean(dim=(1, 2, 3))  # per frame
+        assert error.max() < 3 / 255, error * 255
+    with pytest.raises(ValueError, match="no clip 'EP09_01'"):
+        render_magnified_truth(folder, "sub01", "EP09_01", [2.0])
+    with pytest.raises(ValueError, match="frames must lie in"):
+        render_magnified_truth(folder, "sub01", "EP01_01", [2.0], frames=[0])
+    with pytest.raises(FileNotFoundError, match="synthetic_root"):
+        render_magnified_truth(folder.parent, "sub01", "EP01_01", [2.0])
+
+
+def test_truth_moves_the_face_a_times(drifting_set):
+    """Factor a moves the head (the offset frame: drift only) and the expression (the apex) a times as far."""
+    import cv2
+
+    from amanlib.data import render_magnified_truth
+    from amanlib.magnify.lagrangian import luminance_u8
+
+    folder, index = drifting_set
+    row = index.loc[(index["apex"] - index["onset"]).idxmax()]
+    factors = [1.0, 2.0, 3.0]
+    truth = render_magnified_truth(folder, row["subject"], row["clip"], factors,
+                                   frames=[row["onset"], row["apex"], row["offset"]])
+    assert not truth.folded.any()
+    onset, apex, offset = truth.images  # each K, 3, H, W
+    drift = truth.motion[2].mean(dim=(1, 2)).double().flip(0)  # dy, dx: uniform at the offset
+    assert torch.allclose(truth.motion[2], truth.motion[2, :, :1, :1], atol=1e-3) and drift.norm() > 0.2
+    expression = truth.motion[1]
+    strength = expression.norm(dim=0)
+    region = strength > 0.5 * strength.max()
+    direction = expression / strength.clamp(min=1e-6)
+    for k, a in enumerate(factors):
+        head = global_translation(onset[k:k + 1], offset[k:k + 1], margin=16)
+        assert torch.linalg.norm(head - a * drift) < 0.03 + 0.05 * a * drift.norm(), (a, head.tolist())
+        flow = cv2.calcOpticalFlowFarneback(*luminance_u8(torch.stack([onset[k], apex[k]])), None, 0.5, 3, 9, 3, 5,
+                                            1.1, 0)
+        along = (torch.from_numpy(flow).permute(2, 0, 1) * direction).sum(0)[region].median()
+        assert abs(along / (a * strength[region].median()) - 1) < 0.2, (a, float(along))

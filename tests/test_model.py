@@ -103,3 +103,20 @@ def test_bf16_autocast_on_cpu_runs_and_is_close(model):
             low = model(x)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_saturated_attention_keeps_the_papers_weighted_mean_finite(model):
+    """Scores far below zero make every sigmoid 0 in float32, where sum(alpha f) / sum(alpha) is 0 / 0; the kit's
+    softmax(log sigmoid) form gives the ratio a float64 computation of the paper's formula gives."""
+    f = torch.randn(B, F, K, 512, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.alpha[0].bias.fill_(-300.0)
+        model.beta[0].bias.fill_(-300.0)
+        logits, alpha, beta = model.attend(f)
+        exact = model.double()
+        s = exact.alpha[0](f.double())
+        v_frame = (torch.sigmoid(s) * f.double()).sum(2) / torch.sigmoid(s).sum(2)
+        t = torch.sigmoid(exact.beta[0](v_frame))
+        want = exact.pred_fc((t * v_frame).sum(1) / t.sum(1))
+    assert (alpha == 0).all() and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.double(), want, rtol=1e-4, atol=1e-4)

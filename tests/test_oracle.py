@@ -1,5 +1,6 @@
 """The oracle (a positive control from the synthetic truth) and accuracy by true motion: slots from the truth alone,
 trained like a single factor on the sweep's folds and seeds, recorded in metrics.json; tertiles sum back."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -89,6 +90,10 @@ def test_ablations_with_truth_add_the_oracle_and_metrics_record_it(tmp_path):
     metrics = results.record_training(tmp_path, index, cache, result, summary, comparisons, None, oracle=oracle,
                                       by_motion=by_motion)
     check_oracle_and_by_motion(metrics)
+    planted = dataclasses.replace(result, history=result.history.assign(
+        train_loss=result.history["train_loss"].where(result.history.index != 3)))  # one NaN loss, as old caches had
+    with pytest.raises(ValueError, match=r"metrics.json is not written: .* non-finite training loss \(.*history.csv"):
+        results.record_training(tmp_path, index, cache, planted, summary, comparisons, None, oracle=oracle)
     assert metrics["by_motion"]["variants"]["AMAN"]["small"]["n_clips"] == by_motion["n_clips"].iloc[0]
     table = results.variant_table(metrics)
     assert f"{ORACLE_VARIANT}: positive control" in set(table["variant"])

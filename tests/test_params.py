@@ -119,7 +119,8 @@ def test_schema_entries_are_typed_and_shared_names_are_shared():
                         "is that single factor)"),
     ("factors", [2, 2, 4], "factors (03_feature_extraction): expected None or a non-empty list of finite numbers >= 1, "
                            "no factor twice"),
-    ("methods", ["learning", "magic"], "expected a non-empty list, each one of 'learning', 'eulerian' or 'phase'"),
+    ("methods", ["learning", "magic"],
+     "expected a non-empty list, each one of 'learning', 'eulerian', 'phase' or 'lagrangian'"),
     ("methods", [], "got []"),
     ("device", "cuda:x", "device (02_magnification, 03_feature_extraction, 04_training): expected 'auto', 'cpu', "
                          "'mps', 'cuda' or 'cuda:N', got 'cuda:x'"),
@@ -139,10 +140,11 @@ def test_valid_values_pass_as_plain_numbers_and_lists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     out = params.validate({"lr": 1, "epochs": np.int64(3), "factors": (1, 2.5, 4), "device": "cuda:1",
-                           "frozen_layer4": None, "amp": False, "methods": ["phase"], "clip": 0},
+                           "frozen_layer4": None, "amp": False, "methods": ["phase", "lagrangian"], "clip": 0,
+                           "magnifier": "lagrangian"},
                           params.NOTEBOOKS)
     assert out == {"lr": 1, "epochs": 3, "factors": [1, 2.5, 4], "device": "cuda:1", "frozen_layer4": None,
-                   "amp": False, "methods": ["phase"], "clip": 0}
+                   "amp": False, "methods": ["phase", "lagrangian"], "clip": 0, "magnifier": "lagrangian"}
     assert type(out["epochs"]) is int
 
 
@@ -386,7 +388,7 @@ def test_a_second_run_into_the_same_folder_fails_at_once(capsys, books, tmp_path
         line = _one_error(capsys, "run-notebooks", "--notebooks", str(books), "--results", str(results))
     assert line == (f"amanlib run-notebooks: error: another run is using the results folder {results} "
                     f"(it holds {results / LOCK_NAME}); wait for it to finish or choose another results folder "
-                    "(--results)")
+                    "(--results, or the results_dir parameter)")
     assert cli.main(["run-notebooks", "--notebooks", str(books), "--results", str(results), "--only", "05"]) == 0
     assert held == [line]  # locked during the run, released after it
 

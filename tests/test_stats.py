@@ -177,8 +177,12 @@ def test_preferred_factor_by_hand():
     np.testing.assert_allclose(preferred_factor(alpha, [2, 4, 8]), [2.5, 6.75])
     with pytest.raises(ValueError, match="K = 2"):
         preferred_factor(alpha, [2, 4])
-    with pytest.raises(ValueError, match="positive sum"):
-        preferred_factor(np.zeros((1, 1, 3)), [2, 4, 8])
+    with pytest.raises(ValueError, match="non-negative"):
+        preferred_factor(-alpha, [2, 4, 8])
+    saturated = alpha.copy()
+    saturated[0, 1] = 0  # a frame whose alpha underflowed to 0 for every factor is skipped, not an error
+    saturated[1] = 0  # a clip without any weighted frame has no preferred factor
+    np.testing.assert_allclose(preferred_factor(saturated, [2, 4, 8]), [2.0, np.nan])
 
 
 def test_fewer_than_min_subjects_cannot_reach_p_005_and_nothing_is_concluded():
@@ -199,3 +203,22 @@ def test_fewer_than_min_subjects_cannot_reach_p_005_and_nothing_is_concluded():
     assert "larger motions prefer" not in stats.mechanism_text(mechanism, 2)
     assert "Too few subjects" in stats.mechanism_text(mechanism, 2)
     assert "larger motions prefer larger factors" in stats.mechanism_text(mechanism, 32)
+
+
+def test_mechanism_skips_and_counts_frames_without_alpha_weight():
+    """The full model on a small set gave frames whose alpha was 0 for every factor (issue 22): the mechanism check
+    skips them, counts them and says how many clips it used, instead of failing after training."""
+    from types import SimpleNamespace
+    from amanlib.stats import mechanism_check
+    rng = np.random.default_rng(0)
+    n = 24
+    truth = pd.DataFrame({"subject": [f"s{i % 8}" for i in range(n)], "clip": [f"c{i}" for i in range(n)],
+                          "peak_px": rng.uniform(0.2, 2, n)})
+    alpha = rng.uniform(0.1, 1, (n, 2, 3))
+    alpha[0, 1] = 0  # one frame saturated
+    alpha[1] = 0  # one clip with no weight at all
+    predictions = truth[["subject", "clip"]].assign(alpha=list(alpha))
+    run = SimpleNamespace(predictions=predictions, config={"factors": [2.0, 4.0, 8.0]})
+    result = mechanism_check(SimpleNamespace(runs={("AMAN", 0): run}), truth)
+    assert result["n"] == n - 1 and result["frames_without_weight"] == 3 and result["clips_without_weight"] == 1
+    assert "3 frames without alpha weight skipped" in stats.mechanism_text(result, 8)

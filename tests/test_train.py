@@ -208,3 +208,37 @@ def test_paper_rule_stops_at_100_and_keeps_the_last_epoch_of_a_subject_never_rig
     assert (never.epoch == 7).all() and (never.pred != never.gt).all()
     assert (fixed.history.groupby("fold").epoch.max() == 7).all()
     np.testing.assert_array_equal(fixed.predictions.pred_best_test, paper.predictions.pred)
+
+
+def _no_stamp(runs_dir) -> bool:
+    return not list(runs_dir.rglob("done.json"))
+
+
+def test_a_diverged_run_raises_naming_the_run_and_caches_nothing(tmp_path):
+    index = toy_index(n_subjects=3, per_subject=4)
+    x = toy_pooled(index)
+    cfg = TrainConfig(**FAST, lr=1e37)  # RMSprop steps of about lr: the parameters overflow to inf
+    with pytest.raises(train.TrainingDiverged, match=r"fold casme2/sub00, epoch \d.*lr 1e\+37.*Nothing of this run "
+                                                     r"is cached") as e:
+        run_loso(x, index, cfg, tmp_path / "loso", progress=False)
+    assert e.value.fold == "casme2/sub00" and _no_stamp(tmp_path / "loso")
+    with pytest.raises(train.TrainingDiverged, match=r"^AMAN: training diverged \(seed 0.*fold casme2/sub00"):
+        run_ablations(x, index, [1.0, 2.0, 4.0, 8.0], cfg, tmp_path / "sweep", progress=False)
+    assert _no_stamp(tmp_path / "sweep")
+
+
+def test_the_full_model_raises_on_divergence_too(tmp_path):
+    index = toy_index(n_subjects=3, per_subject=2)
+    with pytest.raises(train.TrainingDiverged, match=r"fold casme2/sub00, epoch \d"):
+        run_loso(toy_maps(index, C=256, size=4), index, TrainConfig(**FAST, lr=1e37), tmp_path / "r", progress=False)
+    assert _no_stamp(tmp_path / "r")
+
+
+def test_a_channel_constant_over_the_training_clips_is_centred_not_divided():
+    fit = torch.randn(40, 512, generator=torch.Generator().manual_seed(0))
+    fit[:, 7] = 0.5  # a ReLU channel that never fires differently on these clips
+    fit[:, 9] = 0.25
+    fit[:3, 9] += 1e-6  # float noise on an otherwise constant channel
+    shift, scale = train.standardisation(fit)
+    assert scale[7] == 1 and scale[9] == 1 and shift[7] == 0.5
+    torch.testing.assert_close(scale[:7], fit[:, :7].std(0))  # the others are divided by their deviation

@@ -9,8 +9,9 @@ from .frames import (clip_frame_paths, estimate_apex, fill_apex, largest_motion_
                      select_frames)
 from .readers import COLUMNS, check_frames, frame_index, read_casme2, read_samm, read_smic
 from .sources import DATASETS, LABEL_PROTOCOLS, Sources, load_dataset
-from .synthetic import (MACRO_CLASSES, REGIMES, SYNTHETIC_REGIMES, MacroConfig, SyntheticConfig, make_synthetic,
-                        make_synthetic_macro, read_truth, regime_of, synthetic_config, synthetic_root, truth_for)
+from .synthetic import (MACRO_CLASSES, REGIMES, SYNTHETIC_REGIMES, MacroConfig, MagnifiedTruth, SyntheticConfig,
+                        make_synthetic, make_synthetic_macro, read_truth, regime_of, render_magnified_truth,
+                        synthetic_config, synthetic_root, truth_for)
 
 __all__ = [
     "DATASETS", "LABEL_PROTOCOLS", "Sources", "load_dataset",
@@ -23,4 +24,5 @@ __all__ = [
     "HaarFaceDetector", "FaceNotFoundError", "square_box", "crop_clip", "crop_faces",
     "SyntheticConfig", "MacroConfig", "MACRO_CLASSES", "make_synthetic", "make_synthetic_macro", "read_truth",
     "synthetic_root", "truth_for", "REGIMES", "SYNTHETIC_REGIMES", "synthetic_config", "regime_of",
+    "render_magnified_truth", "MagnifiedTruth",
 ]

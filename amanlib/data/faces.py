@@ -89,10 +89,11 @@ def _batch(params: Sequence[FaceParams]) -> SimpleNamespace:
     return SimpleNamespace(**out)
 
 
-def coordinate_grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-centre coordinates (y, x), each [1, 1, n, n], in the normalised frame."""
-    c = (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
-    y, x = torch.meshgrid(c, c, indexing="ij")
+def coordinate_grid(n: int, width: int | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates (y, x), each [1, 1, n, width (default n)], in the normalised frame (each axis
+    spans [-1, 1], grid_sample's align_corners=False convention)."""
+    cy, cx = ((torch.arange(m, dtype=torch.float32, device=device) + 0.5) / m * 2 - 1 for m in (n, width or n))
+    y, x = torch.meshgrid(cy, cx, indexing="ij")
     return y[None, None], x[None, None]
 
 
@@ -242,10 +243,33 @@ def action_fields(params: Sequence[FaceParams], n: int) -> dict[str, torch.Tenso
 
 
 def warp(images: torch.Tensor, flow_px: torch.Tensor) -> torch.Tensor:
-    """Move image content by a forward displacement field: images [B, C, n, n], flow_px [B, 2 (dx, dy), n, n]
+    """Move image content by a forward displacement field: images [B, C, H, W], flow_px [B, 2 (dx, dy), H, W]
     in pixels (small and smooth, so sampling at x - flow(x) is accurate). Bilinear, border-clamped."""
     b, _, h, w = images.shape
-    y, x = coordinate_grid(h)
+    y, x = coordinate_grid(h, w, images.device)
     base = torch.stack([x[0, 0], y[0, 0]], dim=-1).expand(b, h, w, 2)  # B, H, W, 2 (x, y) as grid_sample wants
-    offset = flow_px.permute(0, 2, 3, 1) * torch.tensor([2.0 / w, 2.0 / h])
+    offset = flow_px.permute(0, 2, 3, 1) * flow_px.new_tensor([2.0 / w, 2.0 / h])
     return F.grid_sample(images, base - offset, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def forward_warp(images: torch.Tensor, flow_px: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Move the content at x to x + flow(x), for motion too large for `warp`'s first-order sampling (images
+    [B, C, H, W], flow_px [B, 2 (dx, dy), H, W] on the images' own grid; bilinear, border-clamped). The
+    displacement t arriving at each pixel z solves t = flow(z - t): `steps` Newton steps from t = flow(z), with
+    the flow's Jacobian from central differences, converge wherever the motion does not fold the image over
+    itself (0 steps: `warp`). Where it folds (det(I + grad flow) < 1/4) there is no single answer and the step
+    is the plain fixed-point one."""
+    dy, dx = torch.gradient(flow_px, dim=(2, 3))  # each B, 2, H, W
+    # B, 6, H, W: the flow and its Jacobian dfx/dx, dfx/dy, dfy/dx, dfy/dy, sampled together at the source z - t
+    fields = torch.cat([flow_px, dx[:, :1], dy[:, :1], dx[:, 1:], dy[:, 1:]], dim=1)
+    arriving = flow_px
+    for _ in range(steps):
+        (fx, fy, a, b, c, d) = warp(fields, arriving).unbind(1)  # at the source z - t, each B, H, W
+        rx, ry = fx - arriving[:, 0], fy - arriving[:, 1]  # residual flow(z - t) - t
+        det = (1 + a) * (1 + d) - b * c
+        newton = det > 0.25
+        inv = torch.where(newton, 1 / det, 1.0)
+        step_x = torch.where(newton, inv * ((1 + d) * rx - b * ry), rx)  # (I + grad flow)^-1 residual
+        step_y = torch.where(newton, inv * ((1 + a) * ry - c * rx), ry)
+        arriving = arriving + torch.stack([step_x, step_y], dim=1)
+    return warp(images, arriving)

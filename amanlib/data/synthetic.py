@@ -14,11 +14,14 @@ Neither makes adapting the factor pay for the kit's pipeline (README: the synthe
 """
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -28,7 +31,7 @@ import torch
 
 from .. import cache
 from .composite import casme2_5class, megc2019_3class
-from .faces import EMOTION_AUS, action_fields, render_faces, sample_face, warp
+from .faces import EMOTION_AUS, FaceParams, action_fields, forward_warp, render_faces, sample_face, warp
 from .readers import read_casme2
 
 SHEET_NAME = "CASME2-coding-synthetic.xlsx"
@@ -177,15 +180,38 @@ def _clip_plan(rng: np.random.Generator, cfg: SyntheticConfig, subject_peak: flo
             "drift": _drift(n, rng, cfg.drift_px), "gain": 1 + flicker, "noise_seed": int(rng.integers(2**31))}
 
 
-def _render_subject(face: torch.Tensor, fields: dict[str, torch.Tensor], plans: list[dict],
-                    noise_sigma: float) -> torch.Tensor:
-    """All frames of one subject's clips in one batch: [sum of n, 3, H, W]."""
+def _micro_face(seed: int, s: int) -> FaceParams:
+    """Subject s's face in the micro-expression set of this seed."""
+    return sample_face(np.random.default_rng([seed, 0, s]))
+
+
+def _subject_plans(seed: int, cfg: SyntheticConfig, s: int) -> tuple[float, list[dict]]:
+    """Subject s's apex displacement and clip plans, from the subject's own random stream."""
+    rng = np.random.default_rng([seed, 2, s])
+    subject_peak = float(np.exp(rng.uniform(*np.log(cfg.subject_peak_px))))
+    classes = [list(CLASS_EMOTIONS)[(i + s) % 3] for i in range(cfg.clips_per_subject)]
+    rng.shuffle(classes)
+    emotions = [str(rng.choice(CLASS_EMOTIONS[c])) for c in classes]
+    return subject_peak, [_clip_plan(rng, cfg, subject_peak, e, i) for i, e in enumerate(emotions)]
+
+
+def _subject_motion(face: torch.Tensor, fields: dict[str, torch.Tensor],
+                    plans: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per frame of the clips: the still face with its blink [F, 3, H, W], its motion from the onset (expression
+    plus drift) [F, 2, H, W] px, and its illumination gain [F, 1, 1, 1]; a frame is warp(face, motion) * gain."""
     cat = lambda key: torch.from_numpy(np.concatenate([p[key] for p in plans])).float()  # noqa: E731
     blink, intensity, gain, drift = cat("blink"), cat("intensity"), cat("gain"), cat("drift")  # F / F / F / F,2
     field = torch.cat([fields[p["emotion"]].expand(p["n"], -1, -1, -1) for p in plans])  # F, 2, H, W
     base = torch.lerp(face[0].expand(len(blink), -1, -1, -1), face[1], blink.view(-1, 1, 1, 1))  # F, 3, H, W
     flow = intensity.view(-1, 1, 1, 1) * field + drift.view(-1, 2, 1, 1)
-    frames = warp(base, flow) * gain.view(-1, 1, 1, 1)
+    return base, flow, gain.view(-1, 1, 1, 1)
+
+
+def _render_subject(face: torch.Tensor, fields: dict[str, torch.Tensor], plans: list[dict],
+                    noise_sigma: float) -> torch.Tensor:
+    """All frames of one subject's clips in one batch: [sum of n, 3, H, W]."""
+    base, flow, gain = _subject_motion(face, fields, plans)
+    frames = warp(base, flow) * gain
     noise = torch.cat([torch.randn(p["n"], *frames.shape[1:], generator=torch.Generator().manual_seed(p["noise_seed"]))
                        for p in plans])
     return frames + noise_sigma * noise
@@ -237,18 +263,13 @@ def make_synthetic(root: str | Path, seed: int = 0, config: SyntheticConfig | No
 
 
 def _generate_micro(root: Path, seed: int, cfg: SyntheticConfig) -> None:
-    faces = [sample_face(np.random.default_rng([seed, 0, s])) for s in range(cfg.n_subjects)]
+    faces = [_micro_face(seed, s) for s in range(cfg.n_subjects)]
     images = render_faces(faces, cfg.size)  # S, 2, 3, H, W
     fields = action_fields(faces, cfg.size)  # emotion -> S, 2, H, W
 
     def subject(s: int) -> tuple[list, list]:
         """Render and write subject s's clips (its own random streams, so subjects can run side by side)."""
-        rng = np.random.default_rng([seed, 2, s])
-        subject_peak = float(np.exp(rng.uniform(*np.log(cfg.subject_peak_px))))
-        classes = [list(CLASS_EMOTIONS)[(i + s) % 3] for i in range(cfg.clips_per_subject)]
-        rng.shuffle(classes)
-        emotions = [str(rng.choice(CLASS_EMOTIONS[c])) for c in classes]
-        plans = [_clip_plan(rng, cfg, subject_peak, e, i) for i, e in enumerate(emotions)]
+        subject_peak, plans = _subject_plans(seed, cfg, s)
         frames = _render_subject(images[s], {e: f[s:s + 1] for e, f in fields.items()}, plans, cfg.noise_sigma)
         name = f"sub{s + 1:02d}"
         paths = [root / "Cropped" / name / p["clip"] / f"reg_img{p['onset'] + k}.jpg"
@@ -272,6 +293,72 @@ def _generate_micro(root: Path, seed: int, cfg: SyntheticConfig) -> None:
     truth = [row for _, rows in done for row in rows]
     _write_sheet(root / SHEET_NAME, sheet_rows)
     pd.DataFrame(truth).astype({"blink_frame": "Int64"}).to_csv(root / TRUTH_NAME, index=False)
+
+
+TRUTH_STEPS = 100  # Newton steps of the truth's forward warp (faces.forward_warp): converged where it does not fold
+
+
+class MagnifiedTruth(NamedTuple):
+    images: torch.Tensor  # F, K, 3, H, W in [0, 1]: each frame with its motion from the onset times each factor
+    motion: torch.Tensor  # F, 2 (dx, dy), H, W: displacement since the onset of each frame's content, px, frame grid
+    folded: torch.Tensor  # F, K bool: the magnified motion folds the face over itself, so no single image is true
+
+
+def render_magnified_truth(folder: str | Path, subject: str, clip: str, factors: Sequence[float],
+                           frames: Sequence[int] | None = None) -> MagnifiedTruth:
+    """What a clip of the synthetic set in `folder` (synthetic_root(...), after make_synthetic) looks like magnified:
+    for each frame number (default: onset to offset) and factor a, the generator's frame (same face, action field
+    and plan, rendered by its own pieces) with every point moved a times as far from the onset: its whole motion,
+    expression and head drift, as a magnifier given onset and frame sees it. The generator's frame at x shows the
+    onset content from x - m(x); it is moved on by (a - 1) * m with an exact forward warp (faces.forward_warp).
+    Blink and illumination are not motion and stay as they are; sensor noise and JPEG are left out, so factor 1
+    is the generator's frame before them. Where (a - 1) * m folds the face over itself (`folded`), the truth is
+    not unique and the rendering is the warp's last iterate."""
+    seed, cfg = _set_inputs(Path(folder))
+    a = torch.as_tensor(factors, dtype=torch.float32).reshape(-1)  # K
+    if a.numel() == 0 or not torch.isfinite(a).all():
+        raise ValueError(f"factors must be a non-empty list of finite numbers, got {list(factors)}")
+    names = [f"sub{s + 1:02d}" for s in range(cfg.n_subjects)]
+    if subject not in names:
+        raise ValueError(f"subject {subject!r} is not in the synthetic set at {folder} (sub01 to {names[-1]})")
+    s = names.index(subject)
+    plan = next((p for p in _subject_plans(seed, cfg, s)[1] if p["clip"] == clip), None)
+    if plan is None:
+        raise ValueError(f"{subject} has no clip {clip!r} in the synthetic set at {folder}")
+    index = np.arange(plan["n"]) if frames is None else np.asarray(frames, dtype=int) - plan["onset"]
+    if index.size == 0 or index.min() < 0 or index.max() >= plan["n"]:
+        raise ValueError(f"frames must lie in {subject}/{clip}'s {plan['onset']}..{plan['onset'] + plan['n'] - 1}, "
+                         f"got {None if frames is None else list(frames)}")
+    with _single_threaded():
+        face = _micro_face(seed, s)
+        clip_motion = _subject_motion(render_faces([face], cfg.size)[0], action_fields([face], cfg.size), [plan])
+        base, motion, gain = (x[torch.from_numpy(index)] for x in clip_motion)  # F, 3, H, W / F, 2, H, W / F, 1, 1, 1
+        n, k = len(index), a.numel()
+        each = lambda x: x.repeat_interleave(k, 0)  # noqa: E731  F -> F*K in (frame, factor) order
+        moved_on = (a - 1).repeat(n).view(-1, 1, 1, 1) * each(motion)  # F*K, 2, H, W
+        images = forward_warp(each(warp(base, motion)), moved_on, TRUTH_STEPS) * each(gain)  # F*K, 3, H, W
+    return MagnifiedTruth(images.unflatten(0, (n, k)).clamp(0, 1), motion, _folds(motion, a - 1))
+
+
+def _folds(motion: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Whether x -> x + s * motion(x) folds over anywhere (det(I + s * grad motion) <= 0): [F, 2, H, W] and s [K]
+    -> [F, K] bool."""
+    (dxdy, dxdx), (dydy, dydx) = (torch.gradient(motion[:, c], dim=(1, 2)) for c in (0, 1))  # each F, H, W
+    trace, det = dxdx + dydy, dxdx * dydy - dxdy * dydx
+    s = scale.view(1, -1, 1, 1)
+    return (1 + s * trace[:, None] + s * s * det[:, None] <= 0).flatten(2).any(dim=2)
+
+
+def _set_inputs(folder: Path) -> tuple[int, SyntheticConfig]:
+    """The seed and config a synthetic set was made from, as its cache folder records them."""
+    key_file = folder / cache.KEY_FILE
+    inputs = json.loads(key_file.read_text())["inputs"] if key_file.is_file() else {}
+    made_by = {k: _micro_inputs(0, SyntheticConfig())[k] for k in ("generator", "version")}
+    if {k: inputs.get(k) for k in made_by} != made_by:
+        raise FileNotFoundError(f"{folder} is not a synthetic set made by this make_synthetic: pass the folder "
+                                "synthetic_root(...) names")
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in inputs["config"].items()}
+    return int(inputs["seed"]), SyntheticConfig(**config)
 
 
 def read_truth(root: str | Path) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Motion magnification of frames against the onset: magnifier(onset, frames, factors) -> [B, K, 3, H, W].
 
-Three methods behind one interface, picked by name with `load_magnifier`: the AMAN authors'
-learning-based network ("learning"), linear Eulerian ("eulerian") and phase-based ("phase").
+Four methods behind one interface, picked by name with `load_magnifier`: the AMAN authors'
+learning-based network ("learning"), linear Eulerian ("eulerian"), phase-based ("phase") and Lagrangian
+("lagrangian": optical flow, then a warp along it).
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from amanlib.magnify.checkpoint import (
     verify_checkpoint,
 )
 from amanlib.magnify.eulerian import EulerianConfig, EulerianMagnifier
+from amanlib.magnify.lagrangian import LagrangianConfig, LagrangianMagnifier
 from amanlib.magnify.learning import LearningBasedMagnifier
 from amanlib.magnify.phase import PhaseConfig, PhaseMagnifier
 
-METHODS = ("learning", "eulerian", "phase")
+METHODS = ("learning", "eulerian", "phase", "lagrangian")
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,8 @@ def load_magnifier(name: str, **kwargs) -> Magnifier:
     """Build a magnifier by name.
 
     learning: kwargs of `LearningBasedMagnifier.from_checkpoint` (checkpoint path as `checkpoint` or
-    `path`, `device`, `chunk_size`, `channels_last`, `autocast_dtype`); eulerian / phase: config fields
-    (e.g. `lambda_c`, `sigma`), `chunk_size`, and `device` (ignored: they run where the inputs are).
+    `path`, `device`, `chunk_size`, `channels_last`, `autocast_dtype`); eulerian / phase / lagrangian: config
+    fields (e.g. `lambda_c`, `sigma`, `flow`), `chunk_size`, and `device` (ignored: they run where the inputs are).
     """
     if name == "learning":
         path = kwargs.pop("checkpoint", None)
@@ -43,6 +45,8 @@ def load_magnifier(name: str, **kwargs) -> Magnifier:
         return EulerianMagnifier(**kwargs)
     if name == "phase":
         return PhaseMagnifier(**kwargs)
+    if name == "lagrangian":
+        return LagrangianMagnifier(**kwargs)
     raise ValueError(f"unknown magnifier {name!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -71,6 +75,8 @@ __all__ = [
     "MAGNET_URL",
     "EulerianConfig",
     "EulerianMagnifier",
+    "LagrangianConfig",
+    "LagrangianMagnifier",
     "LearningBasedMagnifier",
     "Magnifier",
     "PhaseConfig",
