@@ -119,7 +119,7 @@ def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work
     its inputs), 'random' (drawn from seed), or 'auto': FER+ when fer_checkpoint is given or the verified file is
     in ~/.cache/amanlib (downloaded there when absent and download_fer), else synthetic_macro. trunk_bn: see
     ResNet18Trunk. pretrain_epochs None: PretrainConfig's; precision: runtime.PRECISIONS."""
-    from .fer import FER_BLOB_SHA1, default_fer_path, find_fer_checkpoint
+    from .fer import FER_BLOB_SHA1, default_fer_path, find_fer_checkpoint, git_blob_sha1
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     fallback = ""
@@ -134,7 +134,15 @@ def choose_backbone(backbone: str = "auto", work_dir: str | Path = "results/work
             raise ValueError("backbone 'fer' needs fer_checkpoint (Resnet18_FER+_pytorch.pth.tar, git blob SHA-1 "
                              f"{FER_BLOB_SHA1}: amanlib.features.download_fer_checkpoint() fetches it)")
         path = Path(fer_checkpoint)
-        return Backbone(load_trunk(path, bn=trunk_bn), "fer+", path, f"FER+ ResNet-18 from {path}, as in the paper")
+        trunk = load_trunk(path, bn=trunk_bn)  # its errors name the file
+        blob = git_blob_sha1(path)
+        if blob == FER_BLOB_SHA1:
+            return Backbone(trunk, "fer+", path, f"FER+ ResNet-18 from {path}, as in the paper")
+        log.warning("%s is a ResNet-18 checkpoint but not the paper's FER+ file (git blob SHA-1 %s, expected %s)",
+                    path, blob, FER_BLOB_SHA1)
+        return Backbone(trunk, "resnet18 (own checkpoint)", path,
+                        f"NOT the paper's FER+ backbone: a ResNet-18 checkpoint from {path} (git blob SHA-1 {blob}; "
+                        f"the paper's is {FER_BLOB_SHA1}); results are not comparable to the paper")
     if backbone == "synthetic_macro":
         from .data import make_synthetic_macro
         from .pretrain import PretrainConfig, pretrain_trunk  # it trains a ResNet-18 fed by this module's preprocess

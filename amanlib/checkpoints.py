@@ -34,9 +34,13 @@ def _unpickled_global(err: Exception) -> str | None:
 
 
 def _first_line(err: Exception) -> str:
-    """An exception's type and the first line of its message (torch's run to many paragraphs)."""
+    """An exception's type and the first line of its message (torch's run to many paragraphs). torch's advice to
+    retry with weights_only=False is not passed on: for a file that is no checkpoint it is wrong, and unsafe."""
     lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+    line = lines[0] if lines else ""
+    if "weights_only" in line:
+        line = "its bytes are not a pickle of tensors"
+    return f"{type(err).__name__}: {line}"
 
 
 def _load(path: Path) -> object:

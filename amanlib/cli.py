@@ -52,10 +52,11 @@ def _score(args) -> None:
 
 def _readme(args) -> None:
     from . import timing
-    from .results import read_metrics, render_readme
+    from .results import magnifiers_markdown, read_metrics, render_readme
     wide = Path(args.results) / "wide"
     others = [read_metrics(wide)] if (wide / "metrics.json").is_file() else []
-    changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results), others)
+    changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results), others,
+                            magnifiers_markdown(args.results))
     state = "updated" if changed else "already up to date"
     print(f"{args.readme}: results and timing tables {state} from {args.results}")
 
@@ -70,6 +71,7 @@ def _run_notebooks(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="amanlib", description="AMAN micro-expression recognition kit")
     parser.add_argument("--version", action="version", version=f"amanlib {__version__}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback, not one line")
     sub = parser.add_subparsers(dest="command", metavar="command")
     score = sub.add_parser("score", help="UF1/UAR/accuracy of MEGC2019 log files (full and per dataset)")
     score.add_argument("logs", nargs="+", help="MEGC log files ('<db> <subject>' headers, '<clip> <gt> <pred>')")
@@ -127,7 +129,11 @@ def main(argv=None) -> int:
         return 0
     try:
         args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:  # FileNotFoundError and PermissionError are OSErrors
-        print(f"amanlib {args.command}: error: {_message(e)}", file=sys.stderr)
+    except Exception as e:  # one line for any error (--debug: the traceback); Ctrl-C is not an Exception
+        if args.debug:
+            raise
+        expected = isinstance(e, (ValueError, RuntimeError, OSError))  # the kit's own errors name what to do
+        text = _message(e) if expected else f"{type(e).__name__}: {_message(e)} (amanlib --debug shows where)"
+        print(f"amanlib {args.command}: error: {text}", file=sys.stderr)
         return 2
     return 0

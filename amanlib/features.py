@@ -132,12 +132,31 @@ class FeatureCache:
 
     @property
     def backbone(self) -> dict:
-        """name, checkpoint (where layer4 can start from; None for a random trunk) and note of the trunk."""
-        return json.loads((self.path / BACKBONE_FILE).read_text())
+        """name, checkpoint (where layer4 can start from; None for a random trunk) and note of the trunk. A
+        checkpoint inside the same work folder is stored relative to this cache, so a moved or copied results
+        folder reads its own trunk."""
+        record = json.loads((self.path / BACKBONE_FILE).read_text())
+        if record.get("checkpoint"):
+            record["checkpoint"] = str((self.path / record["checkpoint"]).resolve())  # an absolute one stays
+        return record
 
     @property
     def clips(self) -> list[str]:
         return [c["clip"] for c in self.inputs["clips"]]
+
+
+def _where(checkpoint, folder: Path) -> str | None:
+    """How a cache folder refers to a trunk checkpoint: relative to it when both lie in one work folder (the
+    kit's pre-trained trunk in work/trunks), else the absolute path (e.g. the FER+ file in ~/.cache)."""
+    if not checkpoint:
+        return None
+    checkpoint, work = Path(checkpoint).resolve(), folder.resolve().parents[1]
+    return os.path.relpath(checkpoint, folder.resolve()) if checkpoint.is_relative_to(work) else str(checkpoint)
+
+
+def _size(nbytes: float) -> str:
+    """Bytes for a person: GB from 1 GB on, else MB (a full disk's few MB are not '0.00 GB')."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _reserve(path: Path, nbytes: int) -> None:
@@ -146,8 +165,8 @@ def _reserve(path: Path, nbytes: int) -> None:
     allocated = path.stat().st_blocks * 512 if path.exists() else 0  # a fresh memmap file is sparse
     free = shutil.disk_usage(path.parent).free
     if nbytes - allocated > free:
-        raise OSError(errno.ENOSPC, f"the feature cache needs {nbytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
-                                    "free; free some space or pass another results_dir", str(path.parent))
+        raise OSError(errno.ENOSPC, f"the feature cache needs {_size(nbytes - allocated)} more but only {_size(free)} "
+                                    "are free; free some space or pass another results_dir", str(path.parent))
     if path.exists() and hasattr(os, "posix_fallocate"):
         with open(path, "r+b") as fh:
             os.posix_fallocate(fh.fileno(), 0, nbytes)
@@ -192,7 +211,7 @@ def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root
             _fill(entry, rows, magnifier, trunk, factors, n_frames, size, batch_size, device, progress, autocast_dtype,
                   executor)
     checkpoint = getattr(backbone, "checkpoint", None)
-    save_json({"name": inputs["trunk"]["name"], "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+    save_json({"name": inputs["trunk"]["name"], "checkpoint": _where(checkpoint, entry.path),
                "note": getattr(backbone, "note", "")}, entry.path / BACKBONE_FILE)
     _point_to(entry)
     return _open(entry.path, entry.key)

@@ -1,6 +1,7 @@
 """Headless execution of the numbered notebooks with papermill, parameters checked against amanlib.params."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -8,6 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import nbformat
 import papermill as pm
 import yaml
 from filelock import FileLock, Timeout
@@ -256,22 +258,39 @@ def run_notebooks(params: dict | None = None, only: str | None = None, results_d
 
 def _execute(book: Path, out_dir: Path, parameters: dict, cell_timeout: float | None, echo: bool) -> None:
     out = out_dir / book.name
-    kept = f"executed notebook kept at {out}; completed notebooks before it are in {out_dir}"
+    partial = out.with_name(f"{book.stem}.partial.ipynb")  # papermill writes as cells run; only whole files become out
     try:
         with _headless_env():
-            pm.execute_notebook(str(book), str(out), parameters=parameters, cwd=str(book.parent),
+            pm.execute_notebook(str(book), str(partial), parameters=parameters, cwd=str(book.parent),
                                 progress_bar=False, kernel_name="python3", start_timeout=120,
                                 execution_timeout=cell_timeout, stdout_file=sys.stdout if echo else None,
                                 stderr_file=sys.stderr if echo else None)
-    except pm.PapermillExecutionError as e:
-        raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} ({kept})") from None
-    except CellTimeoutError as e:
-        cell = " ".join(str(e).split("preview of the cell contents:")[-1].split())[:200]
-        raise RuntimeError(f"{book.name}: a cell ran longer than cell_timeout={cell_timeout} s and was "
-                           f"stopped: {cell} ({kept})") from None
-    except DeadKernelError as e:
-        raise RuntimeError(f"{book.name}: the kernel died ({e}); out of memory? ({kept})") from None
-    except OSError as e:  # disk full, permissions...: the error names its file, else the notebook being written
-        if e.filename or not e.strerror:
+    except (pm.PapermillExecutionError, CellTimeoutError, DeadKernelError, OSError) as e:
+        kept = (f"executed notebook kept at {out}" if _publish(partial, out) else
+                "the executed notebook could not be written whole (disk full?) and is not kept")
+        kept += f"; completed notebooks before it are in {out_dir}"
+        if isinstance(e, pm.PapermillExecutionError):
+            raise RuntimeError(f"{book.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} ({kept})") from None
+        if isinstance(e, CellTimeoutError):
+            cell = " ".join(str(e).split("preview of the cell contents:")[-1].split())[:200]
+            raise RuntimeError(f"{book.name}: a cell ran longer than cell_timeout={cell_timeout} s and was "
+                               f"stopped: {cell} ({kept})") from None
+        if isinstance(e, DeadKernelError):
+            raise RuntimeError(f"{book.name}: the kernel died ({e}); out of memory? ({kept})") from None
+        if e.filename or not e.strerror:  # disk full, permissions...: the error names its file
             raise
         raise OSError(e.errno, e.strerror, str(out)) from e
+    if not _publish(partial, out):
+        raise OSError(errno.EIO, "the executed notebook could not be written whole (disk full?)", str(out))
+
+
+def _publish(partial: Path, out: Path) -> bool:
+    """Move an executed notebook into place when it is whole; remove a cut one (and the older `out` it replaces)."""
+    try:
+        nbformat.read(partial, as_version=4)
+    except Exception:  # missing, cut mid-JSON, ...
+        partial.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+        return False
+    os.replace(partial, out)
+    return True

@@ -294,3 +294,20 @@ def oracle_vs_preferred(per_clip: pd.DataFrame, target_px: float, title: str):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def magnifiers_against_truth(by_factor: pd.DataFrame, title: str):
+    """PSNR over the face and magnified displacement / the truth's per factor and magnifier, from
+    magnify.truth_scores.summary(table, 'factor')."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (score, label) in zip(axes, (("psnr_face_db", "PSNR over the face (dB)"),
+                                         ("displacement_vs_truth", "magnified displacement / the truth's"))):
+        for method, row in by_factor[score].iterrows():
+            if method != "truth":
+                ax.plot(row.index.astype(float), row.to_numpy(float), marker="o", label=method)
+        ax.set(xlabel="factor", ylabel=label)
+    axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

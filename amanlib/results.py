@@ -104,12 +104,28 @@ def update_metrics(results_dir, **fields) -> dict:
     return metrics
 
 
+METRICS_FIELDS = ("dataset", "epoch_selection", "optimistic", "model", "backbone", "magnifier", "factors", "clips",
+                  "subjects", "seeds", "uf1", "uar", "accuracy", "uf1_ci", "uar_ci", "per_subset", "ablations",
+                  "comparisons", "mechanism", "method", "fidelity", "run_dir", "run_dirs")
+"""The fields of metrics.json that notebook 05 and `amanlib readme` read (record_training writes them all)."""
+
+
 def read_metrics(results_dir) -> dict:
+    """metrics.json of a results folder; an error naming the file when it is missing, unreadable or lacks a field
+    the kit reads (METRICS_FIELDS)."""
     path = Path(results_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train first (amanlib.sweep.run_ablations and "
                                 "amanlib.results.record_training; notebook 04_training)")
-    return json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not readable JSON ({e}): run notebook 04 (training) again to write it") from None
+    missing = [f for f in METRICS_FIELDS if f not in metrics] if isinstance(metrics, dict) else list(METRICS_FIELDS)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by this amanlib's notebook 04; "
+                         "run notebook 04 (training) again to write it")
+    return metrics
 
 
 def metrics_run_dir(results_dir, metrics: dict) -> Path:
@@ -483,19 +499,62 @@ def regime_verdict(metrics: dict) -> str:
     return f"**{regime}** ({metrics['clips']} clips, {metrics['subjects']} subjects; UF1): " + "; ".join(said) + "."
 
 
+def magnifier_comparison(results_dir, other_dir, n_resamples: int = 2000, n_permutations: int = 10000) -> dict:
+    """AMAN with the magnifier of the results folder `other_dir` minus AMAN with the one of `results_dir`, trained on
+    the same clips with the same seeds and settings otherwise: UF1 and UAR with the paired subject-and-seed
+    bootstrap CI and sign-flip p of stats.paired_comparisons."""
+    from .stats import paired_comparisons
+    tagged, names = [], []
+    for folder in (other_dir, results_dir):
+        metrics = read_metrics(folder)
+        names.append(f"AMAN ({metrics['magnifier']})")
+        tagged += [r.predictions.assign(variant=names[-1], seed=r.config["seed"]) for r in aman_runs(folder, metrics)]
+    runs = pd.concat(tagged, ignore_index=True)
+    clips = {v: set(map(tuple, g[["seed", "dataset", "subject", "clip"]].astype(str).to_numpy()))
+             for v, g in runs.groupby("variant")}
+    if len(names) != len(set(names)) or clips[names[0]] != clips[names[1]]:
+        raise ValueError(f"{other_dir} and {results_dir} must hold AMAN runs of two magnifiers on the same clips and "
+                         f"seeds (found {names})")
+    return {"variant": names[0], "baseline": names[1],
+            "comparisons": paired_comparisons(runs, names[0], ("uf1", "uar"), n_resamples, n_permutations)}
+
+
+def magnifiers_markdown(results_dir) -> str | None:
+    """README's magnifiers block: every magnifier against the synthetic truth (results/bench/magnify_truth.csv) and,
+    when results/lagrangian holds a run (make reproduce-lagrangian), AMAN with Lagrangian against learning-based
+    magnification; None when neither exists."""
+    from .magnify.truth_scores import markdown
+    results_dir = Path(results_dir)
+    bench, other = results_dir / "bench" / "magnify_truth.csv", results_dir / "lagrangian"
+    parts = [markdown(bench)] if bench.is_file() else []
+    if (other / "metrics.json").is_file():
+        parts.append(magnifier_text(magnifier_comparison(results_dir, other)) + "\n")
+    return "\n".join(parts) if parts else None
+
+
+def magnifier_text(comparison: dict) -> str:
+    """README's line for magnifier_comparison."""
+    said = "; ".join(f"{c['metric'].upper()} {_diff(c)} (p {c['p_value']:.3f})" for c in comparison["comparisons"])
+    return f"**{comparison['variant']} minus {comparison['baseline']}** (95% CI, subjects and seeds resampled): {said}."
+
+
 REGIMES_START = "<!-- regimes: rendered from results/metrics.json and results/wide/metrics.json -->"
 REGIMES_END = "<!-- end of regimes -->"
 README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
 TIMING_START, TIMING_END = "<!-- timing: rendered from results/timing.json -->", "<!-- end of timing -->"
+MAGNIFIERS_START = ("<!-- magnifiers: rendered from results/bench/magnify_truth.csv, results/metrics.json and "
+                    "results/lagrangian/metrics.json -->")
+MAGNIFIERS_END = "<!-- end of magnifiers -->"
 DIFFERENCES_START = "<!-- differences from the authors' code: rendered from amanlib/fidelity.py -->"
 DIFFERENCES_END = "<!-- end of differences -->"
 
 
-def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None, others: list[dict] = ()) -> bool:
+def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None, others: list[dict] = (),
+                  magnifiers: str | None = None) -> bool:
     """Replace README's results table, its timing table (when `timing`, a results/timing.json, is given), its
-    verdict per synthetic regime (metrics and `others`, e.g. results/wide/metrics.json) and its table of
-    differences from the authors' code (each between its markers) by the ones rendered from metrics, timing and
-    amanlib.fidelity; True if README changed."""
+    verdict per synthetic regime (metrics and `others`, e.g. results/wide/metrics.json), its magnifiers block (when
+    `magnifiers`, its markdown, is given) and its table of differences from the authors' code (each between its
+    markers) by the ones rendered from metrics, timing and amanlib.fidelity; True if README changed."""
     from . import timing as timings
     from .fidelity import differences_markdown
     readme = Path(readme)
@@ -506,6 +565,8 @@ def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None,
                + "\n")]
     if timing is not None:
         blocks.append((TIMING_START, TIMING_END, timings.markdown(timing)))
+    if magnifiers is not None:
+        blocks.append((MAGNIFIERS_START, MAGNIFIERS_END, magnifiers))
     for start, end, block in blocks:
         if start not in new or end not in new:
             raise ValueError(f"{readme} lacks the markers {start!r} and {end!r}")

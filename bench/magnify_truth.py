@@ -36,17 +36,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from amanlib import plots
 from amanlib.data import (REGIMES, load_clip_frames, make_synthetic, read_truth, render_magnified_truth,
                           select_frames, synthetic_root)
 from amanlib.features import DEFAULT_FACTORS
 from amanlib.magnify import METHODS, default_checkpoint_path, magnifier_for
 from amanlib.magnify.lagrangian import luminance_u8
+from amanlib.magnify.truth_scores import SCORES, TERTILES, summary
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("AMANLIB_REFERENCE", REPO.parent / "shared" / "reference"))
 REFERENCE_CKPT = REFERENCE / "magnet" / "learning_based_mag.pth.tar"
-TERTILES = ("low", "mid", "high")
-SCORES = {"psnr_face_db": "mean", "displacement_ratio": "median", "displacement_vs_truth": "median"}  # how summed
 
 
 def face_box(height: int, width: int) -> tuple[slice, slice]:
@@ -137,15 +137,6 @@ def score(data_root: Path, args) -> pd.DataFrame:
                         machine=platform.processor() or platform.machine())
 
 
-def summary(table: pd.DataFrame, by: str = "tertile") -> pd.DataFrame:
-    """Per method and tertile (or factor), over the clips and factors where the truth does not fold: mean PSNR
-    over the face, median displacement over a x the true one and over the estimator's reading of the truth."""
-    unfolded = table[~table["folded"]]
-    grouped = unfolded.groupby(["method", by], sort=False)
-    out = pd.concat({score: grouped[score].agg(how).unstack() for score, how in SCORES.items()}, axis=1)
-    return out.loc[list(dict.fromkeys(table["method"]))]
-
-
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, default=6)
@@ -172,7 +163,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(summary(table, "factor"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    print(f"wrote {args.out}")
+    figure = args.out.with_suffix(".png")
+    plots.save(plots.magnifiers_against_truth(summary(table, "factor"), f"magnifiers against the synthetic truth "
+                                              f"({args.regime} regime, apex)"), figure)
+    print(f"wrote {args.out} and {figure}")
     return table
 
 

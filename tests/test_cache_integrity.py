@@ -196,3 +196,28 @@ def test_loading_a_damaged_run_names_it_and_what_repairs_it(tmp_path):
     _truncate(run.out_dir / "predictions.csv")
     with pytest.raises(ValueError, match=rf"LOSO run {run.out_dir} is damaged \(predictions.csv has .* notebook 04"):
         LOSOResult.load(run.out_dir)
+
+
+def test_a_copied_or_moved_results_folder_reads_its_own_trunk(tmp_path):
+    """The features name the pre-trained trunk (where layer4 starts from) relative to themselves when it lies in the
+    same work folder: a copy reads its own file, a moved folder still finds it (issue 22 item 6)."""
+    import shutil
+
+    from amanlib.backbone import Backbone, ResNet18Trunk
+    from amanlib.features import build_feature_cache
+    from amanlib.magnify import load_magnifier
+
+    index = make_synthetic(tmp_path / "data", **SMALL)
+    work = tmp_path / "results" / "work"
+    (work / "trunks" / "k").mkdir(parents=True)
+    torch.manual_seed(0)
+    trunk = ResNet18Trunk().eval()
+    torch.save({"state_dict": trunk.state_dict()}, work / "trunks" / "k" / "trunk.pth")
+    backbone = Backbone(trunk, "synthetic_macro", work / "trunks" / "k" / "trunk.pth", "test trunk")
+    build_feature_cache(index, load_magnifier("eulerian"), backbone, [1.0, 3.0], 1, work / "features",
+                        magnifier_name="eulerian", device="cpu", progress=False)
+    shutil.copytree(tmp_path / "results", tmp_path / "copy")
+    copied = load_feature_cache(tmp_path / "copy" / "work" / "features", index)
+    assert copied.backbone["checkpoint"] == str((tmp_path / "copy" / "work" / "trunks" / "k" / "trunk.pth").resolve())
+    shutil.rmtree(tmp_path / "results")
+    assert torch.load(copied.backbone["checkpoint"])["state_dict"].keys() == trunk.state_dict().keys()

@@ -464,3 +464,12 @@ def test_the_regimes_write_the_same_layout_and_differ_only_in_their_motion(tmp_p
         lo, hi = (SYNTHETIC_REGIMES[r]["subject_peak_px"][0] * SYNTHETIC_REGIMES[r]["clip_peak_jitter"][0],
                   SYNTHETIC_REGIMES[r]["max_peak_px"])
         assert lo <= peak.min() and peak.max() <= hi
+
+
+def test_clip_row_names_the_parameter_and_the_range():
+    """`-p clip 99` on a 9-clip table (issue 22): one line naming the parameter and the rows, not pandas' error."""
+    from amanlib.data import clip_row
+    index = pd.DataFrame({"onset": [0, 0, 0], "apex": [3, 9, 5], "clip": ["a", "b", "c"]})
+    assert clip_row(index, None)["clip"] == "b" and clip_row(index, 2)["clip"] == "c"
+    with pytest.raises(ValueError, match=r"clip 99 is not a row of the clip table \(rows 0-2, 3 clips\)"):
+        clip_row(index, 99)

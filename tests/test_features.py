@@ -149,3 +149,24 @@ def test_frame_batch_features_are_the_authors_extraction(tmp_path):
     eval_mode = features.build_feature_cache(index, mag, same_weights, [2.0, 4.0], 2, tmp_path / "b", device="cpu",
                                              precision="fp32", progress=False)
     assert eval_mode.key != only_magnified.key and eval_mode.inputs["trunk"]["bn"] == "running"  # keyed apart
+
+
+def test_an_explicit_fer_checkpoint_is_checked_like_the_downloaded_one(tmp_path, monkeypatch, caplog):
+    """backbone 'fer' with a file of one's own (issue 22): the paper's file (by git blob SHA-1) is labelled FER+,
+    any other ResNet-18 as what it is, and a file that is no checkpoint is refused without torch's weights_only
+    advice."""
+    import amanlib.fer
+    from amanlib.backbone import choose_backbone
+    from amanlib.fer import git_blob_sha1
+    fer_like_checkpoint(tmp_path / "mine.pth")
+    with caplog.at_level("WARNING", logger="amanlib.backbone"):
+        own = choose_backbone("fer", tmp_path / "work", fer_checkpoint=tmp_path / "mine.pth")
+    assert own.name == "resnet18 (own checkpoint)" and own.note.startswith("NOT the paper's FER+ backbone")
+    assert "not the paper's FER+ file" in caplog.text
+    monkeypatch.setattr(amanlib.fer, "FER_BLOB_SHA1", git_blob_sha1(tmp_path / "mine.pth"))  # as if it were
+    paper = choose_backbone("fer", tmp_path / "work", fer_checkpoint=tmp_path / "mine.pth")
+    assert paper.name == "fer+" and paper.note.endswith("as in the paper")
+    (tmp_path / "noise.bin").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(ValueError, match="noise.bin is not a PyTorch checkpoint") as err:
+        choose_backbone("fer", tmp_path / "work", fer_checkpoint=tmp_path / "noise.bin")
+    assert "weights_only" not in str(err.value)

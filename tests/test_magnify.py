@@ -3,6 +3,7 @@ and the synthetic set's magnified truth."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -377,3 +378,34 @@ def test_truth_moves_the_face_a_times(drifting_set):
                                             1.1, 0)
         along = (torch.from_numpy(flow).permute(2, 0, 1) * direction).sum(0)[region].median()
         assert abs(along / (a * strength[region].median()) - 1) < 0.2, (a, float(along))
+
+
+def test_apex_truth_is_the_truth_at_the_apex_and_none_on_real_data(drifting_set):
+    """Notebook 02 shows data.apex_truth above the magnifiers: the truth at the row's apex, nothing for real clips."""
+    from amanlib.data import apex_truth, render_magnified_truth
+
+    folder, index = drifting_set
+    row = index.iloc[1]
+    want = render_magnified_truth(folder, row["subject"], row["clip"], [1.0, 4.0], [int(row["apex"])]).images[0]
+    torch.testing.assert_close(apex_truth(row, [1.0, 4.0]), want, rtol=0, atol=0)
+    assert apex_truth(row.copy().replace({"synthetic": "casme2"}), [1.0, 4.0]) is None
+
+
+def test_truth_scores_table_is_rendered_from_the_bench_csv(tmp_path):
+    """README's table of magnifiers against the truth: per method and tertile, the truth's own row left out, folded
+    pairs left out of the scores."""
+    from amanlib.magnify.truth_scores import markdown, summary
+
+    rows = [dict(method=m, subject="sub01", clip=f"EP0{c}_01", peak_px=p, tertile=t, factor=f, folded=fold,
+                 psnr_face_db=psnr, displacement_vs_truth=ratio, displacement_ratio=ratio, regime="narrow", seed=0,
+                 learning_precision="fp32", threads=2, machine="x86_64")
+            for m, psnr, ratio in (("truth", float("inf"), 1.0), ("phase", 30.0, 0.8))
+            for c, (p, t) in enumerate([(0.3, "low"), (0.7, "mid"), (1.2, "high")])
+            for f, fold in ((2.0, False), (12.0, t == "high"))]
+    rows.append({**rows[-1], "factor": 12.0, "folded": True, "psnr_face_db": 0.0})  # a folded pair: not scored
+    table = pd.DataFrame(rows)
+    table.to_csv(tmp_path / "scores.csv", index=False)
+    assert summary(table).loc["phase", ("psnr_face_db", "high")] == 30.0
+    text = markdown(tmp_path / "scores.csv")
+    assert "| phase | 30.0 / 30.0 / 30.0 | 0.80 / 0.80 / 0.80 |" in text and "| truth |" not in text
+    assert "3 clips of the narrow regime" in text and "1 of 6 clip x factor pairs fold" in text

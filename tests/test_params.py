@@ -471,3 +471,26 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(monkeypatch, dev
                                          rf"'{device}' is not on this machine .*use 'auto' or 'cpu'"):
         params.validate({"device": device}, params.NOTEBOOKS)
     assert params.validate({"device": "cpu"}, params.NOTEBOOKS) == {"device": "cpu"}
+
+
+def test_a_notebook_cut_by_a_full_disk_is_not_kept_and_a_whole_one_is(capsys, books, tmp_path, monkeypatch):
+    """papermill writes the executed notebook as cells run; a disk that fills up cuts it mid-JSON (issue 22). Only a
+    whole file becomes results/notebooks/NN.ipynb, and the message says which happened."""
+    def cut(source, output, **kwargs):
+        Path(output).write_text('{"cells": [')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pm, "execute_notebook", cut)
+    out = tmp_path / "out" / "notebooks"
+    line = _one_error(capsys, "run-notebooks", "--notebooks", str(books), "--results", str(tmp_path / "out"))
+    assert line.endswith("01_dataset_prep.ipynb: No space left on device (ENOSPC)")
+    assert not list(out.glob("*.ipynb"))  # neither the cut file nor a partial one
+
+    def fails(source, output, **kwargs):
+        nbformat.write(nbformat.v4.new_notebook(), output)
+        raise pm.PapermillExecutionError(1, 2, "cell", "ValueError", "bad value", [])
+
+    monkeypatch.setattr(pm, "execute_notebook", fails)
+    line = _one_error(capsys, "run-notebooks", "--notebooks", str(books), "--results", str(tmp_path / "out"))
+    assert f"executed notebook kept at {out / '01_dataset_prep.ipynb'}" in line
+    assert [p.name for p in out.glob("*.ipynb")] == ["01_dataset_prep.ipynb"]

@@ -130,3 +130,55 @@ def test_readme_table_says_when_there_are_too_few_subjects():
     assert "Too few subjects" not in readme_table(METRICS)
     few = readme_table({**METRICS, "subjects": 2})
     assert "with 2 subjects (fewer than 6)" in few.splitlines()[2] and "scores higher" not in few
+
+
+def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
+    """README's Lagrangian row: AMAN of results/lagrangian minus AMAN of results, paired by seed and subject; two
+    folders whose runs hold other clips are refused."""
+    import torch
+
+    from amanlib import results
+    from amanlib.train import TrainConfig, run_loso
+    from test_train import FAST, toy_index, toy_pooled
+
+    index = toy_index(n_subjects=6, per_subject=4)
+    for magnifier, signal in (("learning", 0.0), ("lagrangian", 3.0)):
+        folder = tmp_path / magnifier
+        runs = [run_loso(toy_pooled(index, signal=signal), index, TrainConfig(**FAST, seed=s), folder / "runs",
+                         progress=False) for s in (0, 1)]
+        (folder / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS), "magnifier": magnifier,
+                                                         "run_dirs": [str(r.out_dir.relative_to(folder)) for r in runs]}))
+    comparison = results.magnifier_comparison(tmp_path / "learning", tmp_path / "lagrangian", 200, 200)
+    assert (comparison["variant"], comparison["baseline"]) == ("AMAN (lagrangian)", "AMAN (learning)")
+    uf1 = next(c for c in comparison["comparisons"] if c["metric"] == "uf1")
+    assert uf1["diff"] > 0 and uf1["ci"][0] <= uf1["diff"] <= uf1["ci"][1]
+    assert results.magnifier_text(comparison).startswith("**AMAN (lagrangian) minus AMAN (learning)** (95% CI")
+    other = toy_index(n_subjects=6, per_subject=3)
+    run = run_loso(torch.randn(len(other), 3, 4, 512), other, TrainConfig(**FAST), tmp_path / "x" / "runs",
+                   progress=False)
+    (tmp_path / "x" / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS),
+                                                             "magnifier": "phase",
+                                                             "run_dirs": [str(run.out_dir.relative_to(tmp_path / "x"))]}))
+    with pytest.raises(ValueError, match="same clips and seeds"):
+        results.magnifier_comparison(tmp_path / "learning", tmp_path / "x", 200, 200)
+
+
+def test_a_metrics_json_without_a_field_the_kit_reads_is_one_line_naming_it(tmp_path, capsys):
+    """metrics.json without run_dirs, fidelity or ablations: notebook 05 and `amanlib readme` stop with the file and
+    the field named (issue 22), and any other error of a CLI command is one line too, its traceback behind --debug."""
+    from amanlib import cli, results
+    metrics = dict.fromkeys(results.METRICS_FIELDS)
+    del metrics["ablations"], metrics["run_dirs"]
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=r"metrics.json lacks ablations, run_dirs: .* run notebook 04"):
+        results.read_metrics(tmp_path)
+    assert cli.main(["readme", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("amanlib readme: error: ") and "lacks ablations" in err[0]
+    (tmp_path / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS), "ablations": 3}))
+    (tmp_path / "README.md").write_text(f"{results.README_START}\n{results.README_END}\n")
+    assert cli.main(["readme", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(amanlib --debug shows where)" in err[0]
+    with pytest.raises(Exception):
+        cli.main(["--debug", "readme", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")])

@@ -115,6 +115,16 @@ def largest_motion_clip(index: pd.DataFrame) -> int:
     return int((index["apex"] - index["onset"]).reset_index(drop=True).idxmax())
 
 
+def clip_row(index: pd.DataFrame, clip: int | None) -> pd.Series:
+    """The clip table's row number `clip` (None: largest_motion_clip), or an error naming the parameter and range."""
+    if clip is None:
+        return index.iloc[largest_motion_clip(index)]
+    if not 0 <= clip < len(index):
+        raise ValueError(f"clip {clip} is not a row of the clip table (rows 0-{len(index) - 1}, {len(index)} clips); "
+                         "choose one of them, or None for the clip with the largest apex motion")
+    return index.iloc[clip]
+
+
 def estimate_apex(frames: torch.Tensor | Sequence[str | Path], method: ApexMethod = "diff",
                   sigma: float = 1.0, top: float = 0.02) -> int:
     """Index (0 = onset) of the apex frame of a clip given its onset..offset frames.

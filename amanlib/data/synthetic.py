@@ -340,6 +340,15 @@ def render_magnified_truth(folder: str | Path, subject: str, clip: str, factors:
     return MagnifiedTruth(images.unflatten(0, (n, k)).clamp(0, 1), motion, _folds(motion, a - 1))
 
 
+def apex_truth(row, factors: Sequence[float]) -> torch.Tensor | None:
+    """A clip-table row's apex truly magnified by each factor, [K, 3, H, W] (render_magnified_truth at the apex),
+    to show beside the magnifiers; None for a clip of real data."""
+    if row["dataset"] != "synthetic":
+        return None
+    folder = Path(row["frames_dir"]).parents[2]  # <key>/Cropped/subXX/EPYY -> <key>
+    return render_magnified_truth(folder, str(row["subject"]), str(row["clip"]), factors, [int(row["apex"])]).images[0]
+
+
 def _folds(motion: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Whether x -> x + s * motion(x) folds over anywhere (det(I + s * grad motion) <= 0): [F, 2, H, W] and s [K]
     -> [F, K] bool."""
