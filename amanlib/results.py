@@ -534,7 +534,7 @@ def magnifiers_markdown(results_dir) -> str | None:
 
 def magnifier_text(comparison: dict) -> str:
     """README's line for magnifier_comparison."""
-    said = "; ".join(f"{c['metric'].upper()} {_diff(c)} (p {c['p_value']:.3f})" for c in comparison["comparisons"])
+    said = "; ".join(f"{c['metric'].upper()} {_diff(c)} (p {c['p_value']:.2g})" for c in comparison["comparisons"])
     return f"**{comparison['variant']} minus {comparison['baseline']}** (95% CI, subjects and seeds resampled): {said}."
 
 
