@@ -301,7 +301,8 @@ class _Gather:
     their gathered rows against their stacked weights."""
 
     def __init__(self, source: _Source, share: int, chunk_elements: int):
-        self.source, self.share, self.chunk_elements, self.buffer = source, share, chunk_elements, None
+        self.source, self.share, self.chunk_elements = source, share, chunk_elements
+        self.buffer = self.folded = None  # the gathered rows of a chunk; the folded weights (_Project)
 
     def project(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """weights M, J, 512 and rows M, R -> w.x M, J, R."""
@@ -335,18 +336,22 @@ class _Gather:
 
 
 class _Project(torch.autograd.Function):
-    """_Gather.project with the one hand-written gradient of the engine, a matmul's (d_weights = d_out @ x): the rows
-    are gathered again for it instead of being kept."""
+    """The projections (w / scale).x of gathered rows (_Gather.project), with the one hand-written gradient of the
+    engine, a matmul's: d_w = (d_out @ x) / scale. The rows are gathered again for it instead of being kept, and the
+    folded weights go to a buffer kept between steps (a fresh tensor of this size each step costs page faults)."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, rows: torch.Tensor, gather: _Gather) -> torch.Tensor:
-        ctx.save_for_backward(rows)
+    def forward(ctx, weights: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, gather: _Gather) -> torch.Tensor:
+        ctx.save_for_backward(scale, rows)
         ctx.gather = gather
-        return gather.project(weights, rows)
+        if gather.folded is None or gather.folded.shape != weights.shape:
+            gather.folded = torch.empty_like(weights)
+        return gather.project(torch.div(weights, scale, out=gather.folded), rows)
 
     @staticmethod
     def backward(ctx, d_out: torch.Tensor):
-        return ctx.gather.weight_grad(d_out, ctx.saved_tensors[0]), None, None
+        scale, rows = ctx.saved_tensors
+        return ctx.gather.weight_grad(d_out, rows).div_(scale), None, None, None
 
 
 class _Heads:
@@ -365,6 +370,8 @@ class _Heads:
 
     def params(self) -> dict[str, torch.Tensor]:
         """name -> M, ...: every model's parameters."""
+        if len(self.groups) == 1:
+            return self.groups[0]
         return {n: torch.cat([g[n] for g in self.groups]) for n in self.groups[0]}
 
     def leaves(self) -> list[torch.Tensor]:
@@ -419,7 +426,7 @@ class _Program:
             x = ((x[:, :-1] - x[:, -1:]) / self.scale).view(*shape, -1)  # M, L, F, K', 512: standardised
             call = lambda p, x: functional_call(self.module, p, (x,))  # noqa: E731
             return vmap(call, randomness="different")(params, x)
-        out = _Project.apply(params["weight"] / self.scale, rows, self.gather)  # M, J, R + 1
+        out = _Project.apply(params["weight"], self.scale, rows, self.gather)  # M, J, R + 1
         z = out[..., :-1].view(*out.shape[:2], *shape[1:]).permute(0, 2, 3, 4, 1)  # M, L, F, K', J
         return attend(z + (params["bias"] - out[..., -1])[:, None, None, None], self.alpha_on, self.beta_on)
 
