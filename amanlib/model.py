@@ -36,8 +36,54 @@ def attention_weights(scores: torch.Tensor, on, dim: int) -> tuple[torch.Tensor,
     return attention, weights
 
 
-class AMAN(nn.Module):
-    """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14].
+HEAD_LAYERS = ("alpha.0", "beta.0", "pred_fc")  # AMANHead's Linear layers on pooled vectors, in z's order
+
+
+def head_projection(params) -> tuple[torch.Tensor, torch.Tensor]:
+    """AMANHead's three Linear layers as one, from its parameters by state-dict name (stacked over models or not):
+    weight ..., J, 512 and bias ..., J with J = 2 + C (alpha's score, beta's score, the C classes)."""
+    return (torch.cat([params[f"{n}.weight"] for n in HEAD_LAYERS], -2),
+            torch.cat([params[f"{n}.bias"] for n in HEAD_LAYERS], -1))
+
+
+def attend(z: torch.Tensor, use_alpha=True, use_beta=True):
+    """AMAN's attention on z ..., F, K, J: the head's Linear layers applied to every pooled vector (head_projection).
+    Alpha's weighted mean over factors, then beta's over frames, then the classifier equal these means taken of z,
+    since the Linear layers commute with a mean whose weights sum to 1 -> logits ..., C, alpha ..., F, K, beta ..., F.
+    use_alpha / use_beta: bools or bool tensors broadcastable to alpha / beta (off: a plain mean, the ablations)."""
+    alpha, w_alpha = attention_weights(z[..., 0], use_alpha, -1)  # ..., F, K
+    frame = (w_alpha[..., None] * z[..., 1:]).sum(-2)  # ..., F, 1 + C: beta's score and the classes of v_frame
+    beta, w_beta = attention_weights(frame[..., 0], use_beta, -1)  # ..., F
+    return (w_beta[..., None] * frame[..., 1:]).sum(-2), alpha, beta  # logits ..., C
+
+
+class AMANHead(nn.Module):
+    """AMAN after layer4: magnification attention alpha over factors, frame attention beta over frames, classifier.
+
+    forward: pooled f [B, F, K, 512] -> (logits [B, C], alpha [B, F, K], beta [B, F]). A custom head for run_loso /
+    run_sweep (`head=`) is any module built as head(num_classes, n_frames, n_factors) with this forward.
+    """
+
+    def __init__(self, num_classes: int, n_frames: int | None = None, n_factors: int | None = None,
+                 use_alpha: bool = True, use_beta: bool = True):
+        super().__init__()
+        self.use_alpha, self.use_beta = use_alpha, use_beta  # ablation switches
+        # magnification and frame attention; attend applies the sigmoid through attention_weights
+        self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
+        self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
+        self.pred_fc = nn.Linear(512, num_classes)
+
+    def forward(self, f: torch.Tensor):
+        """f B, F, K, 512 -> logits B, C, alpha B, F, K, beta B, F. The weighted means are sum(alpha f) / sum(alpha),
+        computed by attention_weights so that they stay finite; with use_alpha / use_beta off, a plain mean."""
+        weight, bias = head_projection(dict(self.named_parameters()))  # J, 512 and J
+        return attend(F.linear(f, weight, bias), self.use_alpha, self.use_beta)
+
+
+class AMAN(AMANHead):
+    """Attention-based Magnification-Adaptive Network on cached trunk features [B, F, K, C, 14, 14]: layer4 and
+    average pooling per (frame, factor), then its head (AMANHead, whose modules sit at the top so the state-dict keys
+    stay the authors').
 
     layer4_bn: in train mode layer4's BatchNorms use the statistics of each (frame, factor) slice's B clips
     ('per_slice', the authors') or of all B*F*K maps at once ('joint'); in eval mode both use the running ones.
@@ -46,19 +92,15 @@ class AMAN(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 256, init_layer4_from: str | Path | None = None,
                  use_alpha: bool = True, use_beta: bool = True, channels_last: bool = False, layer4: bool = True,
                  layer4_bn: str = "per_slice"):
-        super().__init__()
         if layer4_bn not in LAYER4_BN:
             raise ValueError(f"layer4_bn must be one of {LAYER4_BN}, got {layer4_bn!r}")
-        self.use_alpha, self.use_beta, self.channels_last = use_alpha, use_beta, channels_last  # ablation switches
-        self.layer4_bn = layer4_bn
-        self.layer4 = make_layer4(in_channels) if layer4 else None  # None: features come pooled (frozen layer4)
+        trunk = make_layer4(in_channels) if layer4 else None  # drawn before the head: a seed's weights as ever
+        super().__init__(num_classes, use_alpha=use_alpha, use_beta=use_beta)
+        self.channels_last, self.layer4_bn = channels_last, layer4_bn
+        self.layer4 = trunk  # None: features come pooled (frozen layer4)
         if self.layer4 is not None and layer4_bn == "per_slice":
             use_group_batch_norm(self.layer4)  # same state dict; BatchNorm batches set in pool
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        # magnification and frame attention; attend applies the sigmoid through attention_weights
-        self.alpha = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
-        self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
-        self.pred_fc = nn.Linear(512, num_classes)
         if init_layer4_from is not None:
             self.load_layer4(init_layer4_from)
 
@@ -86,16 +128,8 @@ class AMAN(nn.Module):
         return self.avgpool(f).flatten(1).view(B, F, K, -1)  # B, F, K, 512
 
     def attend(self, f: torch.Tensor):
-        """Alpha over factors, then beta over frames, then the classifier: f B, F, K, 512 -> logits, alpha, beta.
-
-        With use_alpha / use_beta off, that attention is replaced by ones (a plain mean), for the ablations. The
-        weighted means are sum(alpha f) / sum(alpha), computed by attention_weights so that they stay finite.
-        """
-        alpha, w_alpha = attention_weights(self.alpha[0](f), self.use_alpha, 2)  # B, F, K, 1
-        v_frame = (w_alpha * f).sum(2)  # B, F, 512
-        beta, w_beta = attention_weights(self.beta[0](v_frame), self.use_beta, 1)  # B, F, 1
-        v = (w_beta * v_frame).sum(1)  # B, 512
-        return self.pred_fc(v), alpha.squeeze(-1), beta.squeeze(-1)
+        """The head on pooled features f B, F, K, 512 -> logits, alpha, beta (AMANHead.forward)."""
+        return super().forward(f)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         if x.dim() != 6:

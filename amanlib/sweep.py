@@ -1,16 +1,14 @@
 """Every LOSO fold x variant x seed of the frozen-layer4 path trained as one batched program.
 
-Model m is the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn from
-the fold's seed), the same shuffles, the same RMSprop + StepLR updates, up to float rounding (the same sums
-are taken in another order; tests/test_sweep.py bounds the difference). Parameters are stacked over
-models; a model without a batch at a step (folds differ in size) is left untouched; the attention switches
-are masks, and models with as many factor slots train together, each gathering its own slots (models that read
-the same rows, a seed's variants over the same slots, gather them once). The heads
-only ever need 2 + C projections of each (frame, slot) feature vector (w_alpha.x, w_beta.x, W_fc.x), so
-each step gathers feature rows chunk by chunk into cache for one matmul forward and one for the weights'
-gradient; the rest (attention, loss, its gradient by hand) works on the projections. Each fold's
-standardisation is folded into its models' weights, so every model reads one centred feature tensor. Finished
-(variant, seed) runs go into the keyed folders `run_loso` uses, so a re-run (with either engine) skips them.
+Model m is the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn from the fold's
+seed), the same shuffles, the same optimiser and schedule (torch.optim over the heads' parameters stacked over
+models), up to float rounding (the same sums are taken in another order; tests/test_sweep.py bounds the difference).
+Gradients are autograd's. AMAN's head runs on projections: it only ever needs 2 + C projections of each (frame, slot)
+feature vector, so each step gathers feature rows chunk by chunk into cache for one matmul (_Project, whose gradient
+is the matmul's), each fold's standardisation folded into its models' weights; models that read the same rows (a
+seed's variants over the same slots) gather them once. A custom head (`head=`) runs vmapped over the gathered
+features. Finished (variant, seed) runs go into the keyed folders `run_loso` uses, so a re-run (with either engine)
+skips them.
 """
 from __future__ import annotations
 
@@ -24,19 +22,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
 from .cache import Entry, key_of
 from .executors import as_executor
 from .metrics import uf1
-from .model import AMAN, attention_weights
+from .model import AMANHead, attend, head_projection
 from .oracle import ORACLE_TARGET_PX, oracle_choice, oracle_name
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, _check_index, _finish_run, _fix,
-                    _inner_val_subject, _unpack, ablation_variants, check_finite, choose_epoch, clip_names, diverged,
-                    fold_seed, loso_folds, model_name, prepare_features, run_inputs, run_loso, standardisation)
+                    _inner_val_subject, _unpack, ablation_variants, check_finite, check_head, choose_epoch,
+                    clip_names, diverged, fold_seed, loso_folds, make_head, make_optimizer, model_name,
+                    prepare_features, run_inputs, run_loso, standardisation)
 
-RMS_ALPHA = 0.99  # torch.optim.RMSprop's default smoothing, as the authors use it
 PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
 CHUNK_ELEMENTS = 2 ** 20  # floats of gathered features per matmul on a CPU (4 MB: stays in cache; measured)
 ACCELERATOR_CHUNK_ELEMENTS = 2 ** 26  # the same on an accelerator, where fewer and larger matmuls win
@@ -64,13 +64,14 @@ def _seeds(seeds) -> list[int]:
 
 def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, variants: list[Variant] | None = None,
               seeds=(0,), runs_dir: str | Path = "results/work/runs", factors=None,
-              progress: bool = True, executor="local") -> SweepResult:
+              progress: bool = True, executor="local", head=None) -> SweepResult:
     """Train every variant (default: the paper's ablations) with every seed under LOSO; one progress bar.
 
     Pooled features (the frozen-layer4 path) train as batched programs of (variant, seed) models; 6-D features
     (the full model) go through run_loso per (variant, seed). `cfg.seed` is replaced by each seed. `executor`
     ('local', 'ray' or an amanlib.executors Executor) runs the programs, or run_loso's folds; this process
-    writes every run.
+    writes every run. `head`: a custom head as run_loso takes it (pooled features only; None: AMAN's), trained by
+    torch.func over the stacked copies; run_loso with the same head gives the same predictions.
     """
     cfg = cfg or TrainConfig()
     seeds = _seeds(seeds)
@@ -85,6 +86,7 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
         raise ValueError(f"{len(factors)} factor values given for features with {tensor.shape[2]} factor slots")
     if len(tensor) != len(index):
         raise ValueError(f"features hold {len(tensor)} clips but the index has {len(index)} rows")
+    check_head(head, tensor)
     variants = variants or ablation_variants(factors)
     jobs = [(v, s, dataclasses.replace(cfg, seed=s, factor_slots=v.factor_slots, use_alpha=v.use_alpha,
                                        use_beta=v.use_beta)) for v in variants for s in seeds]
@@ -98,7 +100,7 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
                         for v, s, c in jobs}
             else:
                 runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features),
-                                    ex)
+                                    ex, head)
         except TrainingDiverged as e:  # name the variant, which a run's config does not hold
             variant = next((v.name for v, _, c in jobs if c == e.cfg), None)
             if variant is None:
@@ -110,16 +112,17 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
 def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
                   runs_dir: str | Path = "results/work/runs", variants: list[Variant] | None = None,
                   seeds=None, progress: bool = True, executor="local", truth: pd.DataFrame | None = None,
-                  oracle_target_px=ORACLE_TARGET_PX) -> tuple[pd.DataFrame, SweepResult]:
+                  oracle_target_px=ORACLE_TARGET_PX, head=None) -> tuple[pd.DataFrame, SweepResult]:
     """run_sweep over the paper's ablations (default seeds: cfg.seed alone) and the table of UF1 / UAR /
     accuracy per variant, seed and subset. With the synthetic truth (data.truth_for(index); None on real data)
     and single factors among the variants, the oracle too (run_oracle at oracle_target_px): a positive control
     whose runs join the sweep's as variant `oracle factor (truth)`, never a method."""
     cfg = cfg or TrainConfig()
     seeds = seeds if seeds is not None else [cfg.seed]
-    result = run_sweep(features, index, cfg, variants, seeds, runs_dir, factors, progress, executor)
+    result = run_sweep(features, index, cfg, variants, seeds, runs_dir, factors, progress, executor, head)
     if truth is not None and any(_single_factor(r.config) for r in result.runs.values()):
-        oracle = run_oracle(features, index, truth, factors, cfg, runs_dir, seeds, oracle_target_px, progress, executor)
+        oracle = run_oracle(features, index, truth, factors, cfg, runs_dir, seeds, oracle_target_px, progress, executor,
+                            head)
         result = dataclasses.replace(_gather({**result.runs, **oracle.runs}), oracle=oracle.oracle)
     table = result.scores.drop(columns="epoch_selection")[["variant", "seed", "subset", "uf1", "uar", "accuracy", "n"]]
     table = table.assign(model=model_name(cfg), epoch_selection=cfg.epoch_selection
@@ -135,7 +138,7 @@ def _single_factor(config: dict) -> bool:
 
 def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
                runs_dir: str | Path = "results/work/runs", seeds=(0,), target_px=ORACLE_TARGET_PX,
-               progress: bool = True, executor="local") -> SweepResult:
+               progress: bool = True, executor="local", head=None) -> SweepResult:
     """The oracle (amanlib.oracle), a positive control: each clip's features at the factor slot chosen from the
     synthetic truth alone (never labels) for target_px, gathered into a one-slot tensor (pooled [N, F, 1, 512] on
     the frozen-layer4 path, [N, F, 1, C, H, W] for the full model) keyed by the upstream key, the chosen slots and
@@ -168,7 +171,7 @@ def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None,
         keyed = Keyed(one, key_of({"oracle": key, "slots": slots.tolist(), "target_px": float(target)}), None,
                       _fix(prepared))
         runs.update(run_sweep(keyed, index, cfg, [Variant(name(target), (0,))], seeds, runs_dir, None,
-                              progress, executor).runs)
+                              progress, executor, head).runs)
     choice.insert(0, "variant", choice["target_px"].map(name))
     choice.insert(1, "dataset", np.tile(index["dataset"].astype(str).to_numpy(), choice["target_px"].nunique()))
     return dataclasses.replace(_gather(runs), oracle=choice)
@@ -186,8 +189,8 @@ def _gather(runs: dict[tuple[str, int], LOSOResult]) -> SweepResult:
                        scores[first + [c for c in scores if c not in first]], runs)
 
 
-def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, fix: str, ex) -> dict:
-    entries = [Entry(runs_dir, run_inputs(key, index, c), "LOSO run") for _, _, c in jobs]
+def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, fix: str, ex, head) -> dict:
+    entries = [Entry(runs_dir, run_inputs(key, index, c, head), "LOSO run") for _, _, c in jobs]
     todo = [i for i, e in enumerate(entries) if not e.done]
     bar.update((len(jobs) - len(todo)) * len(folds))
     if todo:
@@ -203,8 +206,9 @@ def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar
             todo = [i for i in todo if not entries[i].done]  # another run may have finished some meanwhile
             fits = [fit for i in todo for _, fit in _splits(index, folds, jobs[i][2])]
             source = _source(tensor, fits, device if ex.name == "local" else "cpu") if todo else None
-            programs = _programs(todo, jobs, tensor.shape[2], len(folds))
-            shared = {"source": source, "labels": labels, "index": index, "folds": folds, "num_classes": num_classes}
+            programs = _programs(todo, jobs, tensor.shape[2], len(folds), head not in (None, AMANHead))
+            shared = {"source": source, "labels": labels, "index": index, "folds": folds, "num_classes": num_classes,
+                      "head": head}
             ticks = _EpochTicks(bar)
             if ex.name == "local":  # the bar moves every epoch, so its ETA shows early (a Ray task cannot reach it)
                 shared["on_epoch"] = ticks
@@ -249,12 +253,15 @@ def _splits(index: pd.DataFrame, folds, cfg: TrainConfig) -> list[tuple[np.ndarr
     return out
 
 
-def _programs(todo: list[int], jobs, n_factors: int, n_folds: int) -> list[list[int]]:
-    """The jobs to train together: as many factor slots each (so every model gathers as many feature rows), at
-    most PROGRAM_MODELS models, a seed's configs next to each other."""
-    groups: dict[int, list[int]] = {}
+def _programs(todo: list[int], jobs, n_factors: int, n_folds: int, custom: bool) -> list[list[int]]:
+    """The jobs to train together: as many factor slots each (so every model gathers as many feature rows), with a
+    custom head the same attention switches too (they are its attributes), at most PROGRAM_MODELS models, a seed's
+    configs next to each other."""
+    groups: dict[tuple, list[int]] = {}
     for i in sorted(todo, key=lambda i: jobs[i][2].seed):  # a seed's variants side by side: they can share rows
-        groups.setdefault(len(_slots(jobs[i][2], n_factors)), []).append(i)
+        cfg = jobs[i][2]
+        switches = (cfg.use_alpha, cfg.use_beta) if custom else ()
+        groups.setdefault((len(_slots(cfg, n_factors)), *switches), []).append(i)
     per_program = max(1, PROGRAM_MODELS // n_folds)
     return [members[start:start + per_program] for members in groups.values()
             for start in range(0, len(members), per_program)]
@@ -288,59 +295,17 @@ def _source(tensor: torch.Tensor, fits: list[np.ndarray], device) -> _Source:
     return _Source(rows, groups, torch.stack(scale), tuple(x.shape[:3]))
 
 
-@dataclass
-class _Program:
-    """M stacked heads. The weights only ever meet the features as projections w.x per (clip, frame, slot): one
-    matmul over feature rows gathered chunk by chunk (a chunk stays in cache), after which the heads work on
-    J = 2 + C numbers per row instead of 512. Each model's standardisation is folded into its weights:
-    w.(x - mean - offset) / scale = (w / scale).(x - mean) - (w / scale).offset, the offset being one more row
-    each model gathers and the last term joining the bias."""
+class _Gather:
+    """Projections w.x of source rows on stacked weights, chunk by chunk: each chunk's rows are gathered into a buffer
+    that stays in cache, for one matmul. Models that read the same rows (`share` consecutive ones) are one matmul:
+    their gathered rows against their stacked weights."""
 
-    theta: torch.Tensor  # M*J*512 + M*J: weights of alpha, beta and the C classes, then their biases
-    n_out: int  # J
-    alpha_on: torch.Tensor  # M, 1, 1, 1 bool
-    beta_on: torch.Tensor  # M, 1, 1 bool
-    base: torch.Tensor  # M, 1, F, K': each model's source rows of clip 0 over its K' factor slots
-    offset_row: torch.Tensor  # M: the source row of each model's offset
-    scale: torch.Tensor  # M, 1, 512
-    source: _Source
-    chunk_elements: int
-    share: int = 1  # runs of this many consecutive models read the same rows at every step (_sharing)
-    buffer: torch.Tensor | None = None  # the gathered features of a chunk
-    folded: torch.Tensor | None = None  # M, J, 512: the weights on centred features
+    def __init__(self, source: _Source, share: int, chunk_elements: int):
+        self.source, self.share, self.chunk_elements = source, share, chunk_elements
+        self.buffer = self.folded = None  # the gathered rows of a chunk; the folded weights (_Project)
 
-    @property
-    def weights(self) -> torch.Tensor:  # M, J, 512 (a view of theta)
-        return _split(self.theta, self.n_out)[0]
-
-    @property
-    def bias(self) -> torch.Tensor:  # M, J (a view of theta)
-        return _split(self.theta, self.n_out)[1]
-
-    def rows(self, clips: torch.Tensor) -> torch.Tensor:
-        """clips ..., M, L (clip numbers) -> source rows ..., M, L*F*K' + 1: the clips' frames and slots, then the
-        model's offset."""
-        _, frames, k = self.source.shape
-        rows = (self.base + clips[..., None, None] * (frames * k)).flatten(-3)
-        return torch.cat([rows, self.offset_row.expand(rows.shape[:-1])[..., None]], -1)
-
-    def forward(self, rows: torch.Tensor):
-        """rows M, R + 1 -> logits M, L, C and what _backward needs."""
-        if self.folded is None:  # kept: a fresh tensor of this size each step costs page faults
-            self.folded = torch.empty_like(self.weights)
-        weights = torch.div(self.weights, self.scale, out=self.folded)  # M, J, 512: on centred features
-        out = self.project(rows, weights)  # M, J, R + 1
-        P = out[..., :-1].view(*out.shape[:2], -1, *self.base.shape[2:])  # M, J, L, F, K'
-        return _forward(P, self.bias - out[..., -1], self.alpha_on, self.beta_on)
-
-    def attend(self, rows: torch.Tensor):
-        """rows M, R + 1 -> logits M, L, C, alpha M, L, F, K', beta M, L, F, as AMAN.attend gives them."""
-        logits, saved = self.forward(rows)
-        return logits, saved[1], saved[4]
-
-    def project(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Source rows M, R and weights M, J, 512 -> the projections w.x of every row on every weight, M, J, R.
-        Models that share rows are one matmul: their gathered rows against their V*J stacked weights."""
+    def project(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """weights M, J, 512 and rows M, R -> w.x M, J, R."""
         M, J, V = *weights.shape[:2], self.share
         out = weights.new_empty(M, J, rows.shape[1])
         shared_w, shared_out = weights.view(M // V, V * J, -1), out.view(M // V, V * J, -1)
@@ -348,21 +313,17 @@ class _Program:
             torch.bmm(shared_w[s:e], x.transpose(1, 2), out=shared_out[s:e])
         return out
 
-    def gradient(self, rows: torch.Tensor, d_out: torch.Tensor, d_bias: torch.Tensor, grad: torch.Tensor) -> None:
-        """theta's gradient into grad (like theta) from the gradients of the projections d_out M, J, R + 1 (its last
-        column, the offsets', is filled here) and of the folded biases d_bias M, J: sum over rows of x times
-        dloss/dprojection, unfolded."""
-        grad_w, grad_b = _split(grad, self.n_out)
-        torch.neg(d_bias, out=d_out[..., -1])
-        M, J, V = *grad_w.shape[:2], self.share
-        shared_d, shared_grad = d_out.view(M // V, V * J, -1), grad_w.view(M // V, V * J, -1)
+    def weight_grad(self, d_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The gradient of project's weights from its output's d_out M, J, R: d_out @ x, M, J, 512."""
+        M, J, V = *d_out.shape[:2], self.share
+        grad = d_out.new_empty(M, J, 512)
+        shared_d, shared_grad = d_out.contiguous().view(M // V, V * J, -1), grad.view(M // V, V * J, -1)
         for s, e, x in self._chunks(rows[::V]):
             torch.bmm(shared_d[s:e], x, out=shared_grad[s:e])
-        grad_w.div_(self.scale)
-        grad_b.copy_(d_bias)
+        return grad
 
     def _chunks(self, rows: torch.Tensor):
-        """(start, end, features M', R, 512) of the rows of M' (groups of) models, CHUNK_ELEMENTS floats at a time."""
+        """(start, end, features M', R, 512) of the rows of M' (groups of) models, chunk_elements floats at a time."""
         per_model = rows.shape[1]
         step = max(1, self.chunk_elements // (per_model * 512))
         for s in range(0, len(rows), step):
@@ -374,36 +335,100 @@ class _Program:
             yield s, e, x.view(e - s, per_model, 512)
 
 
-def _split(flat: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A flat parameter-shaped tensor -> its views weights M, J, 512 and biases M, J."""
-    M = len(flat) // (n_out * 513)
-    return flat[:M * n_out * 512].view(M, n_out, 512), flat[M * n_out * 512:].view(M, n_out)
+class _Project(torch.autograd.Function):
+    """The projections (w / scale).x of gathered rows (_Gather.project), with the one hand-written gradient of the
+    engine, a matmul's: d_w = (d_out @ x) / scale. The rows are gathered again for it instead of being kept, and the
+    folded weights go to a buffer kept between steps (a fresh tensor of this size each step costs page faults)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, gather: _Gather) -> torch.Tensor:
+        ctx.save_for_backward(scale, rows)
+        ctx.gather = gather
+        if gather.folded is None or gather.folded.shape != weights.shape:
+            gather.folded = torch.empty_like(weights)
+        return gather.project(torch.div(weights, scale, out=gather.folded), rows)
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        scale, rows = ctx.saved_tensors
+        return ctx.gather.weight_grad(d_out, rows).div_(scale), None, None, None
 
 
-def _forward(P: torch.Tensor, bias: torch.Tensor, alpha_on: torch.Tensor, beta_on: torch.Tensor):
-    """AMAN.attend on projections: P M, J, L, F, K (w.x of alpha, beta and the C classes per frame and slot), bias
-    M, J -> logits M, L, C and what the backward needs. v_frame's projections are the alpha-weighted means of P."""
-    a, w_a = attention_weights(P[:, 0] + bias[:, 0, None, None, None], alpha_on, 3)  # M, L, F, K
-    r = (w_a[:, None] * P[:, 1:]).sum(4)  # M, 1+C, L, F: w_beta.v_frame, W_fc.v_frame
-    b, w_b = attention_weights(r[:, 0] + bias[:, 1, None, None], beta_on, 2)  # M, L, F
-    v = (w_b[:, None] * r[:, 1:]).sum(3)  # M, C, L: W_fc.v
-    return v.transpose(1, 2) + bias[:, None, 2:], (P, a, w_a, r, b, w_b, v)
+class _Heads:
+    """M stacked copies of a head for torch.optim: each state-dict parameter stacked over models (M, ...; AMAN's
+    head as its projection, weight M, J, 512 and bias M, J), one leaf per step group (consecutive models with as many
+    batches per epoch). Past a group's last batch of an epoch its gradient is dropped, so torch.optim leaves its
+    parameters and state alone (AdamW's step count too): the models without a batch do not move."""
+
+    def __init__(self, modules: list[nn.Module], steps: np.ndarray, projected: bool, device):
+        state = stack_module_state(modules)[0]  # name -> M, ...
+        state = dict(zip(("weight", "bias"), head_projection(state))) if projected else state
+        ends = np.flatnonzero(np.diff(steps, append=np.inf)) + 1  # steps ascend over models
+        self.last = steps[ends - 1]  # per group: its batches per epoch
+        self.groups = [{n: p[s:e].detach().to(device).requires_grad_() for n, p in state.items()}
+                       for s, e in zip(np.r_[0, ends[:-1]], ends)]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """name -> M, ...: every model's parameters."""
+        if len(self.groups) == 1:
+            return self.groups[0]
+        return {n: torch.cat([g[n] for g in self.groups]) for n in self.groups[0]}
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [p for g in self.groups for p in g.values()]
+
+    def step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """optimizer.step() for the groups with a batch at this step of the epoch, then clear the gradients."""
+        for g, last in zip(self.groups, self.last):
+            if step >= last:
+                for p in g.values():
+                    p.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
-def _backward(g: torch.Tensor, saved, alpha_on: torch.Tensor, beta_on: torch.Tensor, out=None):
-    """_forward's gradients by hand (autograd's graph would cost more than the head): g = dloss/dlogits M, L, C ->
-    dloss/dP M, J, L, F, K (into `out` if given) and dloss/dbias M, J. A weighted mean sum_k w_k x_k with
-    w = sigmoid(s) / sum(sigmoid(s)) has d/ds_k = w_k (1 - sigmoid(s_k)) (x_k - mean)."""
-    P, a, w_a, r, b, w_b, v = saved
-    g = g.transpose(1, 2)  # M, C, L
-    d_b = ((r[:, 1:] - v[..., None]) * g[..., None]).sum(1)  # M, L, F
-    d_beta_in = torch.where(beta_on, d_b * w_b * (1 - b), 0.0)  # M, L, F
-    d_r = torch.cat([d_beta_in[:, None], w_b[:, None] * g[..., None]], 1)  # M, 1+C, L, F
-    d_a = ((P[:, 1:] - r[..., None]) * d_r[..., None]).sum(1)  # M, L, F, K
-    d_alpha_in = torch.where(alpha_on, d_a * w_a * (1 - a), 0.0)  # M, L, F, K
-    d_P = torch.cat([d_alpha_in[:, None], w_a[:, None] * d_r[..., None]], 1, out=out)  # M, J, L, F, K
-    d_bias = torch.cat([d_alpha_in.sum((1, 2, 3))[:, None], d_beta_in.sum((1, 2))[:, None], g.sum(2)], 1)  # M, J
-    return d_P, d_bias
+@dataclass
+class _Program:
+    """M stacked heads and the feature rows they read: each model's standardisation is folded in, (x - mean - offset)
+    / scale, the offset being one more row each model gathers. AMAN's head (module None) only ever needs the J = 2 +
+    C projections w.x of each (frame, slot) vector, and those are linear in x: the weights are folded instead,
+    w.(x - mean - offset) / scale = (w / scale).(x - mean) - (w / scale).offset, and the projections come from
+    _Project's chunked matmul. A custom head (module) runs as torch.func.functional_call, vmapped over models, on the
+    gathered and standardised vectors M, L, F, K', 512."""
+
+    heads: _Heads
+    module: nn.Module | None  # a custom head (its parameters come from heads); None: AMAN's on projections
+    alpha_on: torch.Tensor  # M, 1, 1, 1 bool
+    beta_on: torch.Tensor  # M, 1, 1 bool
+    base: torch.Tensor  # M, 1, F, K': each model's source rows of clip 0 over its K' factor slots
+    offset_row: torch.Tensor  # M: the source row of each model's offset
+    scale: torch.Tensor  # M, 1, 512
+    gather: _Gather
+
+    def train(self, mode: bool) -> None:
+        """A custom head's train or eval mode (e.g. for dropout)."""
+        if self.module is not None:
+            self.module.train(mode)
+
+    def rows(self, clips: torch.Tensor) -> torch.Tensor:
+        """clips ..., M, L (clip numbers) -> source rows ..., M, L*F*K' + 1: the clips' frames and slots, then the
+        model's offset."""
+        _, frames, k = self.gather.source.shape
+        rows = (self.base + clips[..., None, None] * (frames * k)).flatten(-3)
+        return torch.cat([rows, self.offset_row.expand(rows.shape[:-1])[..., None]], -1)
+
+    def __call__(self, clips: torch.Tensor):
+        """clips M, L -> logits M, L, C, alpha M, L, F, K', beta M, L, F, as each model's head gives them."""
+        rows, params = self.rows(clips), self.heads.params()
+        shape = (*clips.shape, *self.base.shape[2:])  # M, L, F, K'
+        if self.module is not None:
+            x = self.gather.source.rows[rows]  # M, R + 1, 512
+            x = ((x[:, :-1] - x[:, -1:]) / self.scale).view(*shape, -1)  # M, L, F, K', 512: standardised
+            call = lambda p, x: functional_call(self.module, p, (x,))  # noqa: E731
+            return vmap(call, randomness="different")(params, x)
+        out = _Project.apply(params["weight"], self.scale, rows, self.gather)  # M, J, R + 1
+        z = out[..., :-1].view(*out.shape[:2], *shape[1:]).permute(0, 2, 3, 4, 1)  # M, L, F, K', J
+        return attend(z + (params["bias"] - out[..., -1])[:, None, None, None], self.alpha_on, self.beta_on)
 
 
 def _padded(rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,32 +441,34 @@ def _padded(rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(index).to(device), torch.from_numpy(mask).to(device)
 
 
-def _build(source: _Source, index, folds, cfgs, num_classes, device):
-    """Per model (fold-major): rows, initial head, attention switches and standardisation, as run_loso has them."""
+def _build(source: _Source, index, folds, cfgs, num_classes, device, head):
+    """Per model, its rows, initial head (drawn as run_loso draws it for the fold's seed), attention switches and
+    standardisation, ordered by batches per epoch (_Heads' step groups) -> (models, program)."""
     splits = [_splits(index, folds, cfg) for cfg in cfgs]
-    models, heads = [], {}
-    for i, (fold, test_rows, _) in enumerate(folds):
-        for cfg, split in zip(cfgs, splits):
-            seed = fold_seed(cfg, i)
-            if seed not in heads:  # the head run_loso draws for this fold's seed
-                torch.manual_seed(seed)
-                heads[seed] = AMAN(num_classes, layer4=False).state_dict()
-            val, fit = split[i]
-            models.append({"cfg": cfg, "fold": fold, "seed": seed, "test": test_rows, "fit": fit, "val": val,
-                           "head": heads[seed], "group": source.groups[fit.tobytes()]})
-    names = ("alpha.0", "beta.0", "pred_fc")
-    weights = torch.stack([torch.cat([d["head"][f"{n}.weight"] for n in names]) for d in models])  # M, J, 512
-    biases = torch.stack([torch.cat([d["head"][f"{n}.bias"] for n in names]) for d in models])  # M, J
     n_frames, n_factors = source.shape[1:]
+    models, modules = [], {}
+    for i, (fold, test_rows, _) in enumerate(folds):
+        for j, (cfg, split) in enumerate(zip(cfgs, splits)):
+            seed = fold_seed(cfg, i)
+            if (seed, cfg.use_alpha, cfg.use_beta) not in modules:
+                modules[seed, cfg.use_alpha, cfg.use_beta] = make_head(head, cfg, num_classes, n_frames,
+                                                                       len(_slots(cfg, n_factors)), seed)
+            val, fit = split[i]
+            models.append({"cfg": cfg, "fold": fold, "i": i, "j": j, "seed": seed, "test": test_rows, "fit": fit,
+                           "val": val, "head": modules[seed, cfg.use_alpha, cfg.use_beta],
+                           "group": source.groups[fit.tobytes()], "steps": -(-len(fit) // cfg.batch_size)})
+    models.sort(key=lambda d: d["steps"])  # stable: models that read the same rows stay side by side
+    projected = head in (None, AMANHead)
+    heads = _Heads([d["head"] for d in models], np.array([d["steps"] for d in models]), projected, device)
     slots = torch.tensor([_slots(d["cfg"], n_factors) for d in models])  # M, K'
     base = torch.arange(n_frames)[None, :, None] * n_factors + slots[:, None]  # M, F, K'
     group = torch.tensor([d["group"] for d in models], device=device)
     on = lambda name: torch.tensor([getattr(d["cfg"], name) for d in models], device=device)  # noqa: E731
     chunk = CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
-    program = _Program(torch.cat([weights.flatten(), biases.flatten()]).to(device), weights.shape[1],
+    program = _Program(heads, None if projected else models[0]["head"].to(device),
                        on("use_alpha")[:, None, None, None], on("use_beta")[:, None, None], base[:, None].to(device),
-                       int(np.prod(source.shape)) + group, source.scale[group][:, None], source, chunk,
-                       _sharing(models, n_factors))
+                       int(np.prod(source.shape)) + group, source.scale[group][:, None],
+                       _Gather(source, _sharing(models, n_factors), chunk))
     return models, program
 
 
@@ -459,22 +486,6 @@ def _sharing(models, n_factors: int) -> int:
     return math.gcd(*runs)
 
 
-def _rmsprop(theta: torch.Tensor, grad: torch.Tensor, square: torch.Tensor, lr: float, cfg: TrainConfig,
-             on: torch.Tensor | None, work: torch.Tensor) -> None:
-    """torch.optim.RMSprop's update (weight decay, no momentum) of flat parameters; where `on` (like theta,
-    bool; None: everywhere) is False, parameters and state stay. `grad` and `work` (like theta) are used up."""
-    if cfg.weight_decay != 0:
-        grad.add_(theta, alpha=cfg.weight_decay)
-    if on is None:
-        square.mul_(RMS_ALPHA).addcmul_(grad, grad, value=1 - RMS_ALPHA)
-        theta.addcdiv_(grad, torch.sqrt(square, out=work).add_(cfg.eps), value=-lr)
-        return
-    updated = square.mul(RMS_ALPHA).addcmul_(grad, grad, value=1 - RMS_ALPHA)
-    stepped = theta.addcdiv(grad, updated.sqrt().add_(cfg.eps), value=-lr)
-    square.copy_(torch.where(on, updated, square))
-    theta.copy_(torch.where(on, stepped, theta))
-
-
 def _shuffled(models, generators, steps: int, batch: int, device) -> torch.Tensor:
     """One epoch's batches of every model, drawn as train_epoch draws them -> clip numbers steps, M, batch
     (clip 0 past a model's end)."""
@@ -484,57 +495,69 @@ def _shuffled(models, generators, steps: int, batch: int, device) -> torch.Tenso
     return torch.from_numpy(order.reshape(len(models), steps, batch).transpose(1, 0, 2).copy()).to(device)
 
 
-def _program_task(cfgs, source: _Source, labels, index, folds, num_classes, on_epoch=None) -> list[list]:
+def _program_task(cfgs, source: _Source, labels, index, folds, num_classes, on_epoch=None, head=None) -> list[list]:
     """One program wherever it runs: its configs -> per config its folds' results. `on_epoch(done, epochs, units)`
     hears of every finished epoch (units: the program's runs x folds)."""
     device = resolve_device(cfgs[0].device)
     source = dataclasses.replace(source, rows=source.rows.to(device), scale=source.scale.to(device))
-    return _train_models(source, labels, index, folds, cfgs, num_classes, device, on_epoch)
+    return _train_models(source, labels, index, folds, cfgs, num_classes, device, on_epoch, head)
 
 
-def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, device, on_epoch=None) -> list[list]:
+def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, device, on_epoch=None,
+                  head=None) -> list[list]:
     """Train the folds of every config at once; per config the fold results run_loso's train_fold returns."""
     cfg0, n_factors = cfgs[0], source.shape[2]
     alike = lambda c: dataclasses.replace(c, seed=0, use_alpha=True, use_beta=True, factor_slots=None)  # noqa: E731
     if any(alike(c) != alike(cfg0) for c in cfgs) or len({len(_slots(c, n_factors)) for c in cfgs}) > 1:
         raise ValueError("run_sweep: the configs of one batch may differ only in seed, attention and factor slots "
                          "(as many slots each)")
-    models, program = _build(source, index, folds, cfgs, num_classes, device)
-    with torch.inference_mode():  # gradients are by hand: no autograd
-        tick = (lambda done: on_epoch(done, cfg0.epochs, len(cfgs) * len(folds))) if on_epoch else None
-        log = _train(program, models, labels.to(device), cfg0, num_classes, device, tick)
+    models, program = _build(source, index, folds, cfgs, num_classes, device, head)
+    tick = (lambda done: on_epoch(done, cfg0.epochs, len(cfgs) * len(folds))) if on_epoch else None
+    log = _train(program, models, labels.to(device), cfg0, device, tick)
     return _fold_results(models, cfgs, folds, labels, log)
 
 
-def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int, device, tick=None) -> dict:
-    """Every epoch of every model: shuffled batches, RMSprop + StepLR, then predictions on the test (and inner
-    validation) rows; tick(epochs done) after each. -> per epoch predictions, attention and history."""
+def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=None) -> dict:
+    """Every epoch of every model: shuffled batches, cfg's optimiser and schedule (train.make_optimizer), then
+    predictions on the test (and inner validation) rows; tick(epochs done) after each. -> per epoch predictions,
+    attention and history."""
     B = cfg.batch_size
     n_fit = np.array([len(d["fit"]) for d in models])
-    steps = -(-n_fit // B)  # M: batches per epoch of each model
-    mask = torch.from_numpy(np.arange(steps.max() * B).reshape(-1, 1, B) < n_fit[:, None]).to(device)  # S, M, B
+    mask = torch.from_numpy(np.arange(program.heads.last[-1] * B).reshape(-1, 1, B) < n_fit[:, None]).to(device)
+    weight = mask / mask.sum(2, keepdim=True).clamp(min=1)  # S, M, B: a batch's loss is its mean
     generators = [torch.Generator().manual_seed(d["seed"]) for d in models]
     test_idx, test_mask = _padded([d["test"] for d in models], device)
     val_idx, val_mask = _padded([d["val"] for d in models], device)
-    state, has_val = _State(program, mask, int(steps.min())), bool(val_mask.any())
-    lr = cfg.lr
+    optimizer, scheduler = make_optimizer(program.heads.leaves(), cfg)
     log = {"pred": [], "alpha": [], "beta": [], "val_pred": [], "history": []}
     for epoch in range(cfg.epochs):
+        lr = optimizer.param_groups[0]["lr"]
         order = _shuffled(models, generators, len(mask), B, device)  # S, M, B
-        loss_sum, correct = state.epoch(order, labels, num_classes, lr, cfg)
+        y = labels[order]  # S, M, B
+        losses, correct = torch.zeros(mask.shape[:2], device=device), torch.zeros_like(mask[:, :, 0], dtype=int)
+        program.train(True)
+        for step in range(len(order)):
+            logits = program(order[step])[0]  # M, B, C
+            loss = (F.cross_entropy(logits.transpose(1, 2), y[step], reduction="none") * weight[step]).sum(1)  # M
+            loss.sum().backward()
+            program.heads.step(optimizer, step)
+            losses[step] = loss.detach()
+            correct[step] = ((logits.argmax(2) == y[step]) & mask[step]).sum(1)
+        scheduler.step()
+        loss_sum = (losses.double() * mask.sum(2)).sum(0)  # M
         _check_diverged(program, models, loss_sum, epoch)
-        log["history"].append({"lr": lr, "train_loss": loss_sum.cpu(), "train_acc": correct.cpu()})
-        if (epoch + 1) % cfg.step_size == 0:
-            lr = lr * cfg.gamma  # StepLR(step_size, gamma), stepped once per epoch
-        logits, alpha, beta = program.attend(program.rows(test_idx))
+        log["history"].append({"lr": lr, "train_loss": loss_sum.cpu(), "train_acc": correct.sum(0).cpu()})
+        program.train(False)
+        with torch.no_grad():
+            logits, alpha, beta = program(test_idx)
+            if val_mask.any():
+                log["val_pred"].append(program(val_idx)[0].argmax(2).cpu())
         pred = logits.argmax(2)
         log["pred"].append(pred.cpu())
         log["alpha"].append(alpha.cpu())
         log["beta"].append(beta.cpu())
         log["history"][-1]["test_acc"] = (((pred == labels[test_idx]) & test_mask).sum(1).double()
                                           / test_mask.sum(1)).cpu()
-        if has_val:
-            log["val_pred"].append(program.attend(program.rows(val_idx))[0].argmax(2).cpu())
         if tick:
             tick(epoch + 1)
     return log
@@ -543,9 +566,8 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, num_classes: int
 def _check_diverged(program: _Program, models, loss_sum: torch.Tensor, epoch: int) -> None:
     """Raise TrainingDiverged for the first model whose epoch loss or parameters are not finite (one check per
     epoch; the loss is read back anyway)."""
-    weights, biases = _split(program.theta, program.n_out)
-    finite_theta = torch.isfinite(weights).all(2).all(1) & torch.isfinite(biases).all(1)  # M
-    bad = (~torch.isfinite(loss_sum.to(finite_theta.device)) | ~finite_theta).nonzero().flatten()
+    finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in program.heads.params().values()]).all(0)  # M
+    bad = (~torch.isfinite(loss_sum.to(finite.device)) | ~finite).nonzero().flatten()
     if len(bad):
         m = int(bad[0])
         what = (f"the training loss is {float(loss_sum[m]):.4g}" if not torch.isfinite(loss_sum[m])
@@ -554,58 +576,16 @@ def _check_diverged(program: _Program, models, loss_sum: torch.Tensor, epoch: in
                                                                    "this batch diverged)")
 
 
-class _State:
-    """The optimiser's state over a program's models and one epoch's training steps."""
-
-    def __init__(self, program: _Program, mask: torch.Tensor, all_active: int):
-        self.program, self.mask, self.all_active = program, mask, all_active  # mask S, M, B
-        self.weight = mask / mask.sum(2, keepdim=True).clamp(min=1)  # S, M, B: a batch's loss is its mean
-        self.square = torch.zeros_like(program.theta)
-        self.grad, self.work = torch.empty_like(program.theta), torch.empty_like(program.theta)
-        self.losses = torch.zeros(mask.shape[:2], device=mask.device)  # S, M
-        self.correct = torch.zeros(mask.shape[:2], dtype=torch.long, device=mask.device)
-
-    def epoch(self, order: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, cfg: TrainConfig):
-        """Train on batches order S, M, B (clip numbers) -> per model the summed loss (float64) and hits."""
-        y = labels[order]  # S, M, B
-        onehot = F.one_hot(y, num_classes).to(self.program.theta.dtype)  # S, M, B, C
-        for step in range(len(order)):
-            logits = self.step(self.program.rows(order[step]), onehot[step], self.weight[step], lr, cfg,
-                               None if step < self.all_active else self._on(self.mask[step].any(1)), self.losses[step])
-            torch.sum((logits.argmax(2) == y[step]) & self.mask[step], 1, out=self.correct[step])
-        return (self.losses.double() * self.mask.sum(2)).sum(0), self.correct.sum(0)
-
-    def step(self, rows, onehot, weight, lr: float, cfg: TrainConfig, on, loss_out) -> torch.Tensor:
-        """One RMSprop step of every model on source rows M, B*F*K' + 1 (labels onehot M, B, C; weight M, B:
-        1 / batch size, 0 past a model's end) -> the logits M, B, C; the batch losses M go to loss_out."""
-        program = self.program
-        logits, saved = program.forward(rows)
-        log_p = torch.log_softmax(logits, 2)  # M, B, C
-        torch.sum((log_p * onehot).sum(2).neg_().mul_(weight), 1, out=loss_out)
-        d_out = saved[0].new_empty(*saved[0].shape[:2], rows.shape[1])  # M, J, R + 1
-        _, d_bias = _backward((log_p.exp_() - onehot) * weight[..., None], saved, program.alpha_on, program.beta_on,
-                              out=d_out[..., :-1].view(saved[0].shape))
-        program.gradient(rows, d_out, d_bias, self.grad)
-        _rmsprop(program.theta, self.grad, self.square, lr, cfg, on, self.work)
-        return logits
-
-    def _on(self, active: torch.Tensor) -> torch.Tensor:
-        """Which models have a batch, M bool -> which parameters update, like theta."""
-        J = self.program.n_out
-        return torch.cat([active.repeat_interleave(J * 512), active.repeat_interleave(J)])
-
-
 def _fold_results(models, cfgs, folds, labels, log) -> list[list]:
     """Per config, its folds' results in train_fold's format, with the epoch chosen by its rule."""
-    n_jobs = len(cfgs)
     history = {k: torch.stack([h[k] for h in log["history"]]).double().numpy()
                for k in ("train_loss", "train_acc", "test_acc")}  # E, M
     pred = torch.stack(log["pred"]).numpy()  # E, M, T
     val_pred = torch.stack(log["val_pred"]).numpy() if log["val_pred"] else None  # E, M, V
     memo: dict = {}
     out = [[] for _ in cfgs]
-    for m, d in enumerate(models):
-        i, j = divmod(m, n_jobs)
+    for m in np.argsort([d["i"] for d in models], kind="stable"):  # fold order
+        d, i, j = models[m], models[m]["i"], models[m]["j"]
         n_test, n_val, n_fit = len(d["test"]), len(d["val"]), len(d["fit"])
         rows = []
         for e, h in enumerate(log["history"]):

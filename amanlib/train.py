@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import inspect
 import logging
 import os
 import warnings
@@ -24,13 +26,15 @@ from .executors import as_executor
 from .checkpoints import read_state_dict
 from .features import FeatureCache, magnified_slots
 from .metrics import megc_scores, uar, uf1
-from .model import AMAN, LAYER4_BN
+from .model import AMAN, LAYER4_BN, AMANHead
 from .results import LOSOResult
 from .runtime import autocast, progress_bar, resolve_device, torch_save_atomic
 
 log = logging.getLogger(__name__)
 
 EPOCH_SELECTIONS = ("fixed", "inner_val", "paper")
+OPTIMIZERS = ("rmsprop", "adamw")
+SCHEDULES = ("step", "cosine")
 LAYER4_INITS = ("random", "backbone")
 INDEX_COLUMNS = ("dataset", "subject", "clip", "label")
 
@@ -44,6 +48,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     step_size: int = 30
     gamma: float = 0.2
+    optimizer: str = "rmsprop"  # rmsprop (the authors') | adamw; lr, eps and weight_decay apply to either
+    schedule: str = "step"  # step: StepLR(step_size, gamma), the authors' | cosine: CosineAnnealingLR over the epochs
     epochs: int = 50
     batch_size: int = 4
     seed: int = 0
@@ -75,7 +81,8 @@ class TrainConfig:
                     or value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
                                  f"got {value!r}")
-        for name, allowed in (("layer4_bn", LAYER4_BN), ("layer4_init", LAYER4_INITS)):
+        for name, allowed in (("layer4_bn", LAYER4_BN), ("layer4_init", LAYER4_INITS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if (self.layer4_init == "backbone") != bool(self.init_layer4_from):
@@ -139,27 +146,66 @@ def standardisation(fit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return fit.mean(0), torch.where(std > CONSTANT_CHANNEL * std.mean(), std, torch.ones_like(std))
 
 
+def make_optimizer(params, cfg: TrainConfig):
+    """cfg's optimiser and its per-epoch schedule over `params` -> (optimizer, scheduler)."""
+    kind = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.AdamW
+    optimizer = kind(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "step":
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+
+
+def make_head(head, cfg: TrainConfig, num_classes: int, n_frames: int, n_factors: int, seed: int) -> nn.Module:
+    """A fresh head drawn from `seed`: head(num_classes, n_frames, n_factors) (None: AMANHead) with cfg's attention
+    switches, which a custom head must define as use_alpha / use_beta to be ablated."""
+    torch.manual_seed(seed)
+    module = (head or AMANHead)(num_classes, n_frames, n_factors)
+    for name in ("use_alpha", "use_beta"):
+        if hasattr(module, name):
+            setattr(module, name, getattr(cfg, name))
+        elif not getattr(cfg, name):
+            raise ValueError(f"{name}=False, but the head {type(module).__name__} has no switch {name}")
+    return module
+
+
+def head_key(head) -> str | None:
+    """What names a custom head in a run's key (None: AMAN's): its qualified name and a digest of its source code, so
+    editing the head's class or factory makes a new run. Code it calls elsewhere is not read: after changing only
+    that, give the head a new name or use a new runs_dir."""
+    if head is None or head is AMANHead:
+        return None
+    try:
+        source = inspect.getsource(head)
+    except (OSError, TypeError):  # e.g. typed into a console: its name alone
+        source = ""
+    name = f"{getattr(head, '__module__', '')}.{getattr(head, '__qualname__', repr(head))}"
+    return f"{name}:{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
 class _Fold:
-    """One fold's training: a fresh model, RMSprop + StepLR, predictions on the test rows after every epoch."""
+    """One fold's training: a fresh model, cfg's optimiser and schedule, predictions on the test rows after every
+    epoch. On pooled features the model is the head alone (`head`, None: AMAN's)."""
 
     def __init__(self, cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 device: torch.device, seed: int, fit_rows: np.ndarray | None = None):
+                 device: torch.device, seed: int, fit_rows: np.ndarray | None = None, head=None):
         self.cfg, self.features, self.labels, self.device = cfg, features, labels, device
         self.pooled = features.dim() == 4
         self.shift, self.scale = 0.0, 1.0
         if self.pooled:  # frozen layer4: standardise each of the 512 channels with this fold's training clips
             fit = features[torch.as_tensor(fit_rows if fit_rows is not None else np.arange(len(features)))]
             self.shift, self.scale = standardisation(fit.to(device, torch.float32).flatten(0, 2))  # n*F*K, 512
-        torch.manual_seed(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.model = AMAN(num_classes, in_channels=256 if self.pooled else features.shape[3],
-                          use_alpha=cfg.use_alpha, use_beta=cfg.use_beta, layer4=not self.pooled,
-                          layer4_bn=cfg.layer4_bn, channels_last=cfg.channels_last and device.type != "cpu").to(device)
-        if not self.pooled and cfg.init_layer4_from:
-            self.model.load_layer4(cfg.init_layer4_from)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+        if self.pooled:
+            n_factors = len(cfg.factor_slots) if cfg.factor_slots is not None else features.shape[2]
+            self.model = make_head(head, cfg, num_classes, features.shape[1], n_factors, seed).to(device)
+        else:
+            torch.manual_seed(seed)
+            self.model = AMAN(num_classes, in_channels=features.shape[3], use_alpha=cfg.use_alpha,
+                              use_beta=cfg.use_beta, layer4_bn=cfg.layer4_bn,
+                              channels_last=cfg.channels_last and device.type != "cpu").to(device)
+            if cfg.init_layer4_from:
+                self.model.load_layer4(cfg.init_layer4_from)
+        self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
         fp16 = self.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -173,9 +219,7 @@ class _Fold:
 
     def logits(self, x: torch.Tensor):
         with autocast(self.device, self.amp):
-            if self.pooled:
-                return self.model.attend(x)
-            return self.model(x, return_attention=True)
+            return self.model(x) if self.pooled else self.model(x, return_attention=True)
 
     def train_epoch(self, rows: np.ndarray) -> tuple[float, float]:
         self.model.train()
@@ -267,11 +311,11 @@ def _finite_state(model: nn.Module) -> bool:
 
 def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, index: pd.DataFrame,
                test_rows: np.ndarray, train_rows: np.ndarray, num_classes: int, device: torch.device,
-               seed: int) -> dict:
+               seed: int, head=None) -> dict:
     """Train one fold from scratch; return the chosen epoch's predictions and attention plus the history."""
     val_rows = _inner_val_subject(index, train_rows, seed) if cfg.epoch_selection == "inner_val" else np.array([], int)
     fit_rows = np.setdiff1d(train_rows, val_rows)
-    fold = _Fold(cfg, features, labels, num_classes, device, seed, fit_rows)
+    fold = _Fold(cfg, features, labels, num_classes, device, seed, fit_rows, head)
     gt = labels[test_rows].numpy()
     history, per_epoch = [], []
     for epoch in range(cfg.epochs):
@@ -421,24 +465,26 @@ def _check_index(index: pd.DataFrame) -> torch.Tensor:
     return labels
 
 
-ENGINE = 2
+ENGINE = 3
 """The version of the training arithmetic, part of every run's key: 2 made the attention means finite when every
-sigmoid underflows (model.attention_weights) and stopped dividing constant channels by ~0 (standardisation)."""
+sigmoid underflows (model.attention_weights) and stopped dividing constant channels by ~0 (standardisation); 3 is
+one engine, the head's Linear layers applied before its attention means (model.attend) in run_loso and run_sweep."""
 
 
-def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig) -> dict:
-    """What decides a run's numbers: the features, the clip table's rows in order, the settings and the engine."""
+def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig, head=None) -> dict:
+    """What decides a run's numbers: the features, the clip table's rows in order, the settings, the head (head_key)
+    and the engine."""
     record = dataclasses.asdict(cfg)
     for name in ("device", "num_workers"):  # where it runs, not what it computes
         record.pop(name)
     record["init_layer4_from"] = _layer4_weights(cfg.init_layer4_from, cfg.seed) if cfg.init_layer4_from else None
     rows = index[list(INDEX_COLUMNS)].astype(str).agg("/".join, axis=1).tolist()
-    return {"features": features_key, "index": rows, "config": record, "engine": ENGINE}
+    return {"features": features_key, "index": rows, "config": record, "head": head_key(head), "engine": ENGINE}
 
 
 def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
              runs_dir: str | Path = "results/work/runs", progress: bool = True, bar=None,
-             executor="local") -> LOSOResult:
+             executor="local", head=None) -> LOSOResult:
     """Leave-one-subject-out over `index` (columns dataset, subject, clip, label) with features [N, F, K, ...]
     (a FeatureCache, Keyed features, or a tensor/array).
 
@@ -446,7 +492,9 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     folds/<fold>.pt as each finishes, then predictions.csv, attention.npz, history.csv, scores.csv,
     config.json and megc_log.txt. A re-run skips finished folds. `bar`, an outer progress bar, is advanced
     once per fold instead of showing a bar of its own. `executor` ('local', 'ray' or an amanlib.executors
-    Executor) runs the folds; this process writes every result, so either resumes the other's run.
+    Executor) runs the folds; this process writes every result, so either resumes the other's run. `head`: on pooled
+    features (frozen_layer4) a callable head(num_classes, n_frames, n_factors) -> nn.Module mapping [B, F, K, 512] to
+    (logits, alpha, beta), trained in place of AMAN's (model.AMANHead; None).
     """
     cfg = cfg or TrainConfig()
     index = index.reset_index(drop=True)
@@ -455,18 +503,20 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     tensor, key, factors = _unpack(features)
     if len(tensor) != len(index):
         raise ValueError(f"features hold {len(tensor)} clips but the index has {len(index)} rows")
+    check_head(head, tensor)
     slots = list(cfg.factor_slots) if cfg.factor_slots is not None else list(range(tensor.shape[2]))
     if max(slots) >= tensor.shape[2] or min(slots) < 0:
         raise ValueError(f"factor_slots {slots} do not exist in features with {tensor.shape[2]} factors")
     folds = loso_folds(index)
-    entry = Entry(runs_dir, run_inputs(key, index, cfg), "LOSO run")
+    entry = Entry(runs_dir, run_inputs(key, index, cfg, head), "LOSO run")
     own = bar is None
     bar = progress_bar(total=len(folds), desc="LOSO folds", disable=not progress) if own else bar
     try:
         if not entry.done:
             with entry.writing(), as_executor(executor) as ex:
                 if not entry.done:
-                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, _fix(features), ex)
+                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, _fix(features), ex,
+                                 head)
         else:
             bar.update(len(folds))
     finally:
@@ -480,15 +530,21 @@ def fold_seed(cfg: TrainConfig, fold: int) -> int:
     return cfg.seed * 100_003 + fold
 
 
-def _fold_task(fold: tuple, cfg, tensor, labels, index, num_classes) -> dict:
+def check_head(head, tensor: torch.Tensor) -> None:
+    """A custom head replaces AMAN's on pooled features only (the frozen-layer4 path)."""
+    if head is not None and tensor.dim() != 4:
+        raise ValueError("a custom head trains on pooled features [N, F, K, 512]: set frozen_layer4=True")
+
+
+def _fold_task(fold: tuple, cfg, tensor, labels, index, num_classes, head=None) -> dict:
     """One fold, wherever it runs: (position, test rows, training rows) -> train_fold's result."""
     i, test_rows, train_rows = fold[0], np.array(fold[1]), np.array(fold[2])  # writable copies (Ray's are not)
     device = resolve_device(cfg.device)
     return train_fold(cfg, _place(tensor, device), labels, index, test_rows, train_rows, num_classes, device,
-                      seed=fold_seed(cfg, i))
+                      seed=fold_seed(cfg, i), head=head)
 
 
-def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str, ex) -> None:
+def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str, ex, head=None) -> None:
     check_finite(tensor, clip_names(index), fix)
     num_classes = cfg.num_classes or int(labels.max()) + 1
     if cfg.num_workers:
@@ -499,7 +555,8 @@ def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, 
     results = {i: torch.load(p, weights_only=False) for i, p in enumerate(paths) if p.exists()}
     todo = [(i, test, train) for i, (_, test, train) in enumerate(folds) if i not in results]
     bar.update(len(results))
-    shared = {"cfg": cfg, "tensor": tensor, "labels": labels, "index": index, "num_classes": num_classes}
+    shared = {"cfg": cfg, "tensor": tensor, "labels": labels, "index": index, "num_classes": num_classes,
+              "head": head}
     for position, result in ex.map(_fold_task, todo, shared):
         i = todo[position][0]
         torch_save_atomic(result, paths[i])

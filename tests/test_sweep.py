@@ -6,10 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import amanlib.sweep as sweep
+from amanlib.cache import key_of
+from amanlib.model import AMANHead, attention_weights
 from amanlib.sweep import run_sweep
-from amanlib.model import AMAN
-from amanlib.train import TrainConfig, Variant, run_loso
+from amanlib.train import TrainConfig, Variant, run_inputs, run_loso
 from conftest import count_calls
 
 
@@ -32,29 +35,52 @@ VARIANTS = [Variant("AMAN", (1, 2)), Variant("alpha only", (1, 2), use_beta=Fals
             Variant("beta only", (1, 2), use_alpha=False), Variant("one factor", (1,))]
 
 
-@pytest.mark.parametrize("rule", ["fixed", "paper", "inner_val"])
-def test_sweep_equals_run_loso_per_variant_and_seed(tmp_path, rule):
+class WarmAlpha(AMANHead):
+    """AMAN's head with a softmax temperature of 2 in alpha: a user's own head, which no projection form knows."""
+
+    def forward(self, f):  # B, F, K, 512
+        s = self.alpha[0](f)[..., 0]  # B, F, K
+        w_alpha = torch.softmax(F.logsigmoid(s) / 2, -1) if self.use_alpha else torch.full_like(s, 1 / s.shape[-1])
+        v_frame = (w_alpha[..., None] * f).sum(2)  # B, F, 512
+        beta, w_beta = attention_weights(self.beta[0](v_frame)[..., 0], self.use_beta, -1)  # B, F
+        return self.pred_fc((w_beta[..., None] * v_frame).sum(1)), torch.sigmoid(s), beta
+
+
+def sweep_against_loso(tmp_path, cfg, variants, seeds, head=None):
+    """run_sweep, and per (variant, seed) run_loso with the same settings: -> the sweep, [(batched, alone)]."""
     index, x = uneven_index(), pooled(uneven_index())
-    cfg = TrainConfig(epochs=4, step_size=2, batch_size=4, device="cpu", epoch_selection=rule)
-    result = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "sweep", factors=[1.0, 2.0, 4.0],
-                       progress=False)
-    assert len(result.runs) == 8 and set(result.predictions.seed) == {0, 3}
-    for v in VARIANTS:
-        for seed in (0, 3):
+    result = run_sweep(x, index, cfg, variants, seeds, tmp_path / "sweep", factors=[1.0, 2.0, 4.0], progress=False,
+                       head=head)
+    pairs = []
+    for v in variants:
+        for seed in seeds:
             vcfg = dataclasses.replace(cfg, seed=seed, factor_slots=v.factor_slots, use_alpha=v.use_alpha,
                                        use_beta=v.use_beta)
-            alone = run_loso(x, index, vcfg, tmp_path / "loso", progress=False)
-            batched = result.runs[(v.name, seed)]
-            assert batched.out_dir.name == alone.out_dir.name  # the same keyed run
-            cols = ["dataset", "subject", "clip", "gt", "pred", "fold", "epoch", "pred_last", "pred_best_test"]
-            pd.testing.assert_frame_equal(batched.predictions[cols].reset_index(drop=True),
-                                          alone.predictions[cols].reset_index(drop=True))
-            if len(v.factor_slots) > 1:  # over one slot alpha cancels out: its gradient is rounding noise,
-                np.testing.assert_allclose(np.stack(batched.predictions.alpha),  # which RMSprop scales up
-                                           np.stack(alone.predictions.alpha), atol=1e-4)
-            np.testing.assert_allclose(np.stack(batched.predictions.beta), np.stack(alone.predictions.beta), atol=1e-4)
-            pd.testing.assert_frame_equal(batched.history, alone.history, atol=1e-4, check_exact=False)
-            assert batched.config["factors"] == [[1.0, 2.0, 4.0][k] for k in v.factor_slots]  # values, not slots
+            alone = run_loso(x, index, vcfg, tmp_path / "loso", progress=False, head=head)
+            assert result.runs[(v.name, seed)].out_dir.name == alone.out_dir.name  # the same keyed run
+            pairs.append((result.runs[(v.name, seed)], alone))
+    return result, pairs
+
+
+def assert_same_predictions(batched, alone):
+    cols = ["dataset", "subject", "clip", "gt", "pred", "fold", "epoch", "pred_last", "pred_best_test"]
+    pd.testing.assert_frame_equal(batched.predictions[cols].reset_index(drop=True),
+                                  alone.predictions[cols].reset_index(drop=True))
+    pd.testing.assert_frame_equal(batched.history, alone.history, atol=1e-4, check_exact=False)
+
+
+@pytest.mark.parametrize("rule", ["fixed", "paper", "inner_val"])
+def test_sweep_equals_run_loso_per_variant_and_seed(tmp_path, rule):
+    cfg = TrainConfig(epochs=4, step_size=2, batch_size=4, device="cpu", epoch_selection=rule)
+    result, pairs = sweep_against_loso(tmp_path, cfg, VARIANTS, [0, 3])
+    assert len(result.runs) == 8 and set(result.predictions.seed) == {0, 3}
+    for (batched, alone), v in zip(pairs, [v for v in VARIANTS for _ in (0, 3)]):
+        assert_same_predictions(batched, alone)
+        if len(v.factor_slots) > 1:  # over one slot alpha cancels out: its gradient is rounding noise,
+            np.testing.assert_allclose(np.stack(batched.predictions.alpha),  # which RMSprop scales up
+                                       np.stack(alone.predictions.alpha), atol=1e-4)
+        np.testing.assert_allclose(np.stack(batched.predictions.beta), np.stack(alone.predictions.beta), atol=1e-4)
+        assert batched.config["factors"] == [[1.0, 2.0, 4.0][k] for k in v.factor_slots]  # values, not slots
 
 
 def test_a_killed_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
@@ -123,72 +149,35 @@ def test_a_seeds_variants_gather_their_rows_once(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(shared.history, apart.history, atol=1e-6, check_exact=False)
 
 
-def heads(n_models, num_classes=3, seed=0):
-    """AMAN heads drawn as run_loso draws them, and their parameters stacked as the sweep holds them."""
-    torch.manual_seed(seed)
-    nets = [AMAN(num_classes, layer4=False) for _ in range(n_models)]
-    names = ("alpha.0", "beta.0", "pred_fc")
-    weights = torch.stack([torch.cat([n.state_dict()[f"{k}.weight"] for k in names]) for n in nets])  # M, J, 512
-    biases = torch.stack([torch.cat([n.state_dict()[f"{k}.bias"] for k in names]) for n in nets])  # M, J
-    return nets, weights, biases
+def test_a_custom_head_trains_alike_in_the_sweep_and_run_loso(tmp_path):
+    cfg = TrainConfig(epochs=4, step_size=2, device="cpu")
+    warm, pairs = sweep_against_loso(tmp_path, cfg, VARIANTS, [0, 3], head=WarmAlpha)
+    for batched, alone in pairs:
+        assert_same_predictions(batched, alone)
+    aman = run_sweep(pooled(uneven_index()), uneven_index(), cfg, VARIANTS, [0, 3], tmp_path / "aman",
+                     factors=[1.0, 2.0, 4.0], progress=False)
+    assert {r.out_dir for r in aman.runs.values()}.isdisjoint(r.out_dir for r in warm.runs.values())  # own keys
+    differ = aman.history.train_loss.to_numpy() - warm.history.train_loss.to_numpy()
+    assert np.abs(differ).max() > 1e-3 and (aman.predictions.pred != warm.predictions.pred).any()
 
 
-SWITCHES = [(True, True), (True, False), (False, True), (False, False)]  # (alpha, beta) per model
+def test_adamw_with_a_cosine_schedule_trains_alike_in_the_sweep_and_run_loso(tmp_path):
+    """Folds of different sizes end their epochs at different steps: AdamW's step count must stay each model's."""
+    cfg = TrainConfig(epochs=4, device="cpu", optimizer="adamw", schedule="cosine", lr=3e-3, weight_decay=1e-2)
+    _, pairs = sweep_against_loso(tmp_path, cfg, VARIANTS[:2], [0])
+    for batched, alone in pairs:
+        assert_same_predictions(batched, alone)
+        assert batched.config["optimizer"] == "adamw" and batched.history.lr.nunique() == 4  # cosine: every epoch
 
 
-def test_attention_on_projections_equals_aman_attend():
-    nets, weights, biases = heads(len(SWITCHES))
-    x = torch.randn(len(SWITCHES), 5, 3, 4, 512, generator=torch.Generator().manual_seed(1))  # M, L, F, K, 512
-    P = torch.einsum("mlfkc,mjc->mjlfk", x, weights)
-    alpha_on = torch.tensor([a for a, _ in SWITCHES])[:, None, None, None]
-    beta_on = torch.tensor([b for _, b in SWITCHES])[:, None, None]
-    logits, saved = sweep._forward(P, biases, alpha_on, beta_on)
-    for m, (net, (use_alpha, use_beta)) in enumerate(zip(nets, SWITCHES)):
-        net.use_alpha, net.use_beta = use_alpha, use_beta
-        with torch.no_grad():
-            want, alpha, beta = net.attend(x[m])
-        torch.testing.assert_close(logits[m], want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(saved[1][m], alpha, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(saved[4][m], beta, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("n_factors", [1, 4])
-def test_hand_written_backward_equals_autograd(n_factors):
-    g = torch.Generator().manual_seed(2)
-    M, L, C = len(SWITCHES), 5, 3
-    P = torch.randn(M, 2 + C, L, 3, n_factors, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(M, 2 + C, generator=g, dtype=torch.float64, requires_grad=True)
-    alpha_on = torch.tensor([a for a, _ in SWITCHES])[:, None, None, None]
-    beta_on = torch.tensor([b for _, b in SWITCHES])[:, None, None]
-    y = torch.randint(0, C, (M, L), generator=g)
-    weight = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64).expand(M, L) / 3  # a short last batch
-    logits, saved = sweep._forward(P, bias, alpha_on, beta_on)
-    loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(M, L)
-            * weight).sum()
-    want_P, want_bias = torch.autograd.grad(loss, [P, bias])
-    d_logits = (torch.softmax(logits, 2) - torch.nn.functional.one_hot(y, C)) * weight[..., None]
-    got_P, got_bias = sweep._backward(d_logits.detach(), [t.detach() for t in saved], alpha_on, beta_on)
-    torch.testing.assert_close(got_P, want_P, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(got_bias, want_bias, atol=1e-12, rtol=1e-10)
-
-
-def test_flat_rmsprop_equals_torch_and_skips_models_without_a_batch():
-    g = torch.Generator().manual_seed(3)
-    cfg = TrainConfig()
-    M, P = 3, 7
-    theta = torch.randn(M * P, generator=g)
-    refs = [torch.nn.Parameter(theta.view(M, P)[m].clone()) for m in range(M)]
-    optims = [torch.optim.RMSprop([p], lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay) for p in refs]
-    square, work = torch.zeros_like(theta), torch.empty_like(theta)
-    for active in ([True, True, True], [True, False, True], [False, True, True]):
-        grads = torch.randn(M, P, generator=g)
-        on = torch.tensor(active).repeat_interleave(P)
-        sweep._rmsprop(theta, grads.flatten().clone(), square, cfg.lr, cfg, None if all(active) else on, work)
-        for m in np.flatnonzero(active):
-            refs[m].grad = grads[m].clone()
-            optims[m].step()
-        want = torch.stack([p.detach() for p in refs]).flatten()
-        torch.testing.assert_close(theta, want, rtol=1e-6, atol=1e-9)
+def test_the_optimiser_schedule_and_head_are_part_of_a_runs_key():
+    index, cfg = uneven_index(), TrainConfig()
+    key = lambda cfg, head=None: key_of(run_inputs("f", index, cfg, head))  # noqa: E731
+    keys = {key(cfg), key(dataclasses.replace(cfg, optimizer="adamw")),
+            key(dataclasses.replace(cfg, schedule="cosine")), key(cfg, WarmAlpha)}
+    assert len(keys) == 4 and key(cfg, AMANHead) == key(cfg)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
 
 
 def test_the_bar_moves_every_epoch_by_whole_units(tmp_path, monkeypatch):
