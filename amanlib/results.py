@@ -221,9 +221,9 @@ def _fidelity(cache, config: dict) -> dict:
 def _by_fidelity(results_dir, entry: dict) -> dict:
     """AMAN's scores per fidelity preset on this clip table and these seeds: the earlier metrics.json's entries
     of the other presets when they were trained on the same clips and seeds and their runs still exist."""
-    try:
-        old = read_metrics(results_dir).get("by_fidelity", {})
-    except (FileNotFoundError, ValueError):
+    try:  # only this field is read: an older metrics.json of another schema may still hold it
+        old = json.loads((Path(results_dir) / "metrics.json").read_text()).get("by_fidelity", {})
+    except (OSError, ValueError, AttributeError):
         old = {}
     same = lambda e: e.get("clips_key") == entry["clips_key"] and e.get("seeds") == entry["seeds"] \
         and e.get("epoch_selection") == entry["epoch_selection"]  # noqa: E731

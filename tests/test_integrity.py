@@ -160,7 +160,7 @@ def test_concurrent_runs_into_one_folder_never_mix(tmp_path):
 def test_a_full_disk_is_a_clear_error_before_any_write(tmp_path, monkeypatch):
     index = make_synthetic(tmp_path / "data", seed=0, **SMALL)
     monkeypatch.setattr(features.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(OSError, match="needs .* GB but only") as err:
+    with pytest.raises(OSError, match=r"needs 0\.\d MB more but only 0\.0 MB are free") as err:
         _build(index, tmp_path / "features")
     assert err.value.errno == errno.ENOSPC
     assert not any(np.load(p).any() for p in tmp_path.glob("features/*/done.npy"))

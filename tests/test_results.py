@@ -39,7 +39,8 @@ def test_metrics_json_schema(m):
         assert c["diff"] == pytest.approx(aman[c["metric"]] - m["ablations"][c["b"]][c["metric"]])
     if m["dataset"] == "synthetic":
         mech = m["mechanism"]
-        assert set(mech) == {"spearman_r", "ci", "p_value", "n"} and mech["n"] == m["clips"]
+        assert set(mech) == {"spearman_r", "ci", "p_value", "n", "frames_without_weight", "clips_without_weight"}
+        assert mech["n"] + mech["clips_without_weight"] == m["clips"]
         check_oracle_and_by_motion(m)
         assert m["synthetic_regime"] in ("narrow", "wide")
     assert not Path(m["run_dir"]).is_absolute()
