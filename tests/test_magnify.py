@@ -409,3 +409,24 @@ def test_truth_scores_table_is_rendered_from_the_bench_csv(tmp_path):
     text = markdown(tmp_path / "scores.csv")
     assert "| phase | 30.0 / 30.0 / 30.0 | 0.80 / 0.80 / 0.80 |" in text and "| truth |" not in text
     assert "3 clips of the narrow regime" in text and "1 of 6 clip x factor pairs fold" in text
+
+
+def test_the_truth_bench_gives_the_best_score_to_the_truth_itself(tmp_path):
+    """bench/magnify_truth.py's scorer: the truth scores infinite PSNR and reads its own displacement (ratio 1);
+    every magnifier and the unmagnified frame score below it."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "magnify_truth", Path(__file__).resolve().parents[1] / "bench" / "magnify_truth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = SimpleNamespace(seed=0, regime="narrow", subjects=2, clips=3, factors=[2.0, 7.0], checkpoint=None,
+                           precision="fp32")
+    table = bench.score(tmp_path, args)
+    unfolded = table[~table["folded"]]
+    psnr = unfolded.groupby("method")["psnr_face_db"].mean()
+    assert psnr["truth"] == float("inf") and (psnr.drop("truth") < psnr["truth"]).all()
+    assert (unfolded[unfolded["method"] == "truth"]["displacement_vs_truth"] == 1.0).all()
+    assert {"frame", "eulerian", "phase", "lagrangian"} <= set(psnr.index)
