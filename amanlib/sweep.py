@@ -32,10 +32,10 @@ from .model import AMANHead, attend, head_projection
 from .oracle import ORACLE_TARGET_PX, oracle_choice, oracle_name
 from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
-from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, _check_index, _finish_run, _fix,
-                    _inner_val_subject, _unpack, ablation_variants, check_finite, check_head, choose_epoch,
-                    clip_names, diverged, fold_seed, loso_folds, make_head, make_optimizer, model_name,
-                    prepare_features, run_inputs, run_loso, standardisation)
+from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, ablation_variants, check_finite, check_head,
+                    check_index, choose_epoch, clip_names, diverged, finish_run, fold_seed, inner_val_subject,
+                    loso_folds, make_head, make_optimizer, model_name, prepare_features, repair_advice, run_inputs,
+                    run_loso, standardisation, unpack_features)
 
 PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
 CHUNK_ELEMENTS = 2 ** 20  # floats of gathered features per matmul on a CPU (4 MB: stays in cache; measured)
@@ -76,9 +76,9 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
     cfg = cfg or TrainConfig()
     seeds = _seeds(seeds)
     index = index.reset_index(drop=True)
-    labels = _check_index(index)
+    labels = check_index(index)
     features = prepare_features(features, cfg, runs_dir, progress)
-    tensor, key, known = _unpack(features)
+    tensor, key, known = unpack_features(features)
     factors = [float(f) for f in factors] if factors is not None else known
     if factors is None and variants is None:
         raise ValueError("run_sweep: pass the factor values of these features (factors=...)")
@@ -95,12 +95,12 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
                       disable=not progress) as bar, as_executor(executor) as ex:
         try:
             if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
-                keyed = Keyed(tensor, key, factors, _fix(features))
+                keyed = Keyed(tensor, key, factors, repair_advice(features))
                 runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar, executor=ex)
                         for v, s, c in jobs}
             else:
-                runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar, _fix(features),
-                                    ex, head)
+                runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar,
+                                    repair_advice(features), ex, head)
         except TrainingDiverged as e:  # name the variant, which a run's config does not hold
             variant = next((v.name for v, _, c in jobs if c == e.cfg), None)
             if variant is None:
@@ -149,7 +149,7 @@ def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None,
     cfg = cfg or TrainConfig()
     index = index.reset_index(drop=True)
     prepared = prepare_features(features, cfg, runs_dir, progress)
-    tensor, key, known = _unpack(prepared)
+    tensor, key, known = unpack_features(prepared)
     factors = [float(f) for f in factors] if factors is not None else known
     if factors is None or len(factors) != tensor.shape[2]:
         raise ValueError(f"run_oracle: pass the factor values of these features ({tensor.shape[2]} slots), got "
@@ -169,7 +169,7 @@ def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None,
         slots = part["slot"].to_numpy()
         one = tensor[torch.arange(len(slots)), :, torch.tensor(slots)].unsqueeze(2)  # N, F, 1, ...: the chosen slots
         keyed = Keyed(one, key_of({"oracle": key, "slots": slots.tolist(), "target_px": float(target)}), None,
-                      _fix(prepared))
+                      repair_advice(prepared))
         runs.update(run_sweep(keyed, index, cfg, [Variant(name(target), (0,))], seeds, runs_dir, None,
                               progress, executor, head).runs)
     choice.insert(0, "variant", choice["target_px"].map(name))
@@ -217,7 +217,7 @@ def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar
                 ticks.finish(len(program) * len(folds))
                 for i, done in zip(program, results):
                     cfg_i = jobs[i][2]
-                    _finish_run(entries[i], cfg_i, done, index, labels, factors, _slots(cfg_i, tensor.shape[2]),
+                    finish_run(entries[i], cfg_i, done, index, labels, factors, _slots(cfg_i, tensor.shape[2]),
                                 num_classes)
     return {(v.name, s): LOSOResult.load(e.path) for (v, s, _), e in zip(jobs, entries)}
 
@@ -247,7 +247,7 @@ def _splits(index: pd.DataFrame, folds, cfg: TrainConfig) -> list[tuple[np.ndarr
     """Per fold, (its inner validation rows, the rows it trains on), drawn as train_fold draws them."""
     out = []
     for i, (_, _, train_rows) in enumerate(folds):
-        val = _inner_val_subject(index, train_rows, fold_seed(cfg, i)) if cfg.epoch_selection == "inner_val" \
+        val = inner_val_subject(index, train_rows, fold_seed(cfg, i)) if cfg.epoch_selection == "inner_val" \
             else np.array([], int)
         out.append((val, np.setdiff1d(train_rows, val)))
     return out

@@ -252,7 +252,7 @@ class _Fold:
         return torch.cat(preds).numpy(), torch.cat(alphas).numpy(), torch.cat(betas).numpy()
 
 
-def _inner_val_subject(index: pd.DataFrame, train_rows: np.ndarray, seed: int) -> np.ndarray:
+def inner_val_subject(index: pd.DataFrame, train_rows: np.ndarray, seed: int) -> np.ndarray:
     """Rows of one training subject (drawn with the fold's seed) held out to choose the epoch."""
     key = (index["dataset"].astype(str) + "/" + index["subject"].astype(str)).to_numpy()
     subjects = sorted(set(key[train_rows]))
@@ -313,7 +313,7 @@ def train_fold(cfg: TrainConfig, features: torch.Tensor, labels: torch.Tensor, i
                test_rows: np.ndarray, train_rows: np.ndarray, num_classes: int, device: torch.device,
                seed: int, head=None) -> dict:
     """Train one fold from scratch; return the chosen epoch's predictions and attention plus the history."""
-    val_rows = _inner_val_subject(index, train_rows, seed) if cfg.epoch_selection == "inner_val" else np.array([], int)
+    val_rows = inner_val_subject(index, train_rows, seed) if cfg.epoch_selection == "inner_val" else np.array([], int)
     fit_rows = np.setdiff1d(train_rows, val_rows)
     fold = _Fold(cfg, features, labels, num_classes, device, seed, fit_rows, head)
     gt = labels[test_rows].numpy()
@@ -350,7 +350,7 @@ class Keyed:
     fix: str = "check the features passed in"  # what to do when they turn out corrupt
 
 
-def _fix(features) -> str:
+def repair_advice(features) -> str:
     """What to do when these features hold NaN or inf."""
     if isinstance(features, FeatureCache):
         return (f"the feature cache is corrupt: delete it (rm -r {features.path}) and build it again "
@@ -358,7 +358,7 @@ def _fix(features) -> str:
     return features.fix if isinstance(features, Keyed) else "check the features passed in"
 
 
-def _unpack(features) -> tuple[torch.Tensor, str, list[float] | None]:
+def unpack_features(features) -> tuple[torch.Tensor, str, list[float] | None]:
     """(tensor, key, factor values or None) of a FeatureCache, Keyed, tensor or array (keyed by its bytes)."""
     if isinstance(features, FeatureCache):
         return _as_tensor(features.features), features.key, features.factors
@@ -414,7 +414,7 @@ def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress:
     """With frozen_layer4, the pooled features (layer4 in the trunk's compute dtype), cached under runs_dir/pooled
     by the features' key, the layer4 weights and that dtype; else the features as they are (a tensor or array
     comes back as Keyed, by its bytes)."""
-    tensor, key, factors = _unpack(features)
+    tensor, key, factors = unpack_features(features)
     if not (cfg.frozen_layer4 and tensor.dim() == 6):  # keyed once: the caller need not hash the bytes again
         return features if isinstance(features, (FeatureCache, Keyed)) else Keyed(tensor, key, factors)
     layer4, dtype = _layer4_weights(cfg.init_layer4_from, cfg.seed), trunk_dtype(features)
@@ -426,10 +426,10 @@ def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress:
                 pooled = pool_features(tensor, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress,
                                        seed=cfg.seed, autocast_dtype=dtype)
                 clips = features.clips if isinstance(features, FeatureCache) else None
-                check_finite(pooled, clips, _fix(features), "pooled features")
+                check_finite(pooled, clips, repair_advice(features), "pooled features")
                 torch_save_atomic(pooled, entry.path / "pooled.pt")
                 entry.finish({"shape": list(pooled.shape)})
-    return Keyed(torch.load(entry.path / "pooled.pt", weights_only=True), entry.key, factors, _fix(features))
+    return Keyed(torch.load(entry.path / "pooled.pt", weights_only=True), entry.key, factors, repair_advice(features))
 
 
 def check_finite(features: torch.Tensor, clips: list[str] | None, fix: str, what: str = "features") -> None:
@@ -448,7 +448,7 @@ def clip_names(index: pd.DataFrame) -> list[str]:
     return index[["dataset", "subject", "clip"]].astype(str).agg("/".join, axis=1).tolist()
 
 
-def _check_index(index: pd.DataFrame) -> torch.Tensor:
+def check_index(index: pd.DataFrame) -> torch.Tensor:
     """The labels of a clip table fit for LOSO, or an error naming what is wrong."""
     missing = [c for c in INDEX_COLUMNS if c not in index]
     if missing:
@@ -498,9 +498,9 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
     """
     cfg = cfg or TrainConfig()
     index = index.reset_index(drop=True)
-    labels = _check_index(index)
+    labels = check_index(index)
     features = prepare_features(features, cfg, runs_dir, progress)
-    tensor, key, factors = _unpack(features)
+    tensor, key, factors = unpack_features(features)
     if len(tensor) != len(index):
         raise ValueError(f"features hold {len(tensor)} clips but the index has {len(index)} rows")
     check_head(head, tensor)
@@ -515,8 +515,8 @@ def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
         if not entry.done:
             with entry.writing(), as_executor(executor) as ex:
                 if not entry.done:
-                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, _fix(features), ex,
-                                 head)
+                    _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar,
+                                 repair_advice(features), ex, head)
         else:
             bar.update(len(folds))
     finally:
@@ -566,10 +566,10 @@ def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, 
         bar.update()
         bar.set_postfix(uf1=f"{uf1(gt, pred):.3f}", uar=f"{uar(gt, pred):.3f}")
     done = [(name, results[i]) for i, (name, _, _) in enumerate(folds)]  # fold order, whatever ran them
-    _finish_run(entry, cfg, done, index, labels, factors, slots, num_classes)
+    finish_run(entry, cfg, done, index, labels, factors, slots, num_classes)
 
 
-def _finish_run(entry, cfg, done, index, labels, factors, slots, num_classes) -> None:
+def finish_run(entry, cfg, done, index, labels, factors, slots, num_classes) -> None:
     """Collect the folds' results, write the run's files, then its stamp."""
     config = {**entry.inputs["config"], "key": entry.key, "features_key": entry.inputs["features"],
               "factors": [factors[k] for k in slots] if factors else None, "num_classes": num_classes}

@@ -136,13 +136,13 @@ def test_paper_protocol_is_optimistic(tmp_path):
 def test_inner_val_never_sees_the_test_subject(tmp_path, monkeypatch):
     index = toy_index(n_subjects=4)
     seen = []
-    real = train._inner_val_subject
+    real = train.inner_val_subject
 
     def recording(index, rows, seed):
         seen.append((rows, real(index, rows, seed)))
         return seen[-1][1]
 
-    monkeypatch.setattr(train, "_inner_val_subject", recording)
+    monkeypatch.setattr(train, "inner_val_subject", recording)
     res = run_loso(toy_pooled(index), index, TrainConfig(**FAST, epoch_selection="inner_val"), tmp_path, progress=False)
     for (name, test, _), (train_rows, val) in zip(loso_folds(index), seen):
         assert set(val) <= set(train_rows) and set(val).isdisjoint(test) and len(val) == 6

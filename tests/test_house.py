@@ -1,0 +1,58 @@
+"""The package's shape (issue 21): no module imports another's private names, and no import cycle among the modules'
+top-level imports (an import inside a function, made when it runs, may close a loop)."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "amanlib"
+
+
+def _modules() -> dict[str, Path]:
+    """amanlib's module names -> their files (a package by its own name)."""
+    return {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in ROOT.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, top_only: bool) -> list[tuple[str, str]]:
+    """(amanlib module, name taken from it) of every `from ... import` of a module, relative ones resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in tree.body if top_only else ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            parts = package.split(".")
+            module = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+        else:
+            module = node.module or ""
+        if module.split(".")[0] == "amanlib":
+            found += [(module, alias.name) for alias in node.names]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [(name, f"{module}.{imported}") for name, path in _modules().items()
+               for module, imported in _imports(name, path, top_only=False)
+               if imported.startswith("_") and not imported.startswith("__")]
+    assert not private, f"private names imported across modules: {private}"
+
+
+def test_no_import_cycle_at_module_level():
+    modules = _modules()
+    graph = {name: {f"{m}.{n}" if f"{m}.{n}" in modules else m for m, n in _imports(name, path, top_only=True)}
+             & set(modules) - {name} for name, path in modules.items()}
+
+    def cycle_from(start):
+        stack, seen = [[start]], set()
+        while stack:
+            trail = stack.pop()
+            for dep in graph[trail[-1]]:
+                if dep == start:
+                    return trail + [dep]
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append(trail + [dep])
+        return None
+
+    cycles = [c for c in map(cycle_from, modules) if c]
+    assert not cycles, f"import cycles: {cycles[:3]}"
