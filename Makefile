@@ -76,7 +76,8 @@ clean:
 # installs them and runs the smoke test, the CUDA checks and the full run. `make gpu-dry-run` runs that same command
 # here on the CPU with tiny parameters (outputs in temporary folders; tests/test_gpu_command.py does the same).
 wheelhouse: $(STAMP)
-	$(PY) bench/wheelhouse.py
+	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \
+		$(PY) bench/wheelhouse.py
 
 gpu-dry-run: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash bench/gpu.sh --dry-run

@@ -18,9 +18,7 @@ but not papermill, Jupyter's kernel or plenoptic. Steps:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -186,23 +184,19 @@ MAGNET_NAME = "learning_based_mag.pth.tar"
 
 
 def copy_magnet(dest: Path = WHEELHOUSE / "magnet") -> Path | None:
-    """The authors' magnification checkpoint (verified by its SHA-256) into dest: the device cannot download it."""
-    reference = Path(os.environ.get("AMANLIB_REFERENCE", REPO.parent / "shared" / "reference"))
-    candidates = [os.environ.get("AMANLIB_MAGNET_CHECKPOINT"), reference / "magnet" / MAGNET_NAME,
-                  Path.home() / ".cache" / "amanlib" / MAGNET_NAME]
+    """The authors' magnification checkpoint where the kit looks for it (magnify.default_checkpoint_path:
+    $AMANLIB_MAGNET_CHECKPOINT, else ~/.cache/amanlib), verified by its SHA-256, into dest: the device cannot
+    download it."""
     sys.path.insert(0, str(REPO))
-    from amanlib.magnify.checkpoint import MAGNET_SHA256
-    for source in candidates:
-        if source and Path(source).is_file():
-            if hashlib.sha256(Path(source).read_bytes()).hexdigest() != MAGNET_SHA256:
-                print(f"wheelhouse: {source} does not have the checkpoint's SHA-256; skipped", file=sys.stderr)
-                continue
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, dest / MAGNET_NAME)
-            return dest / MAGNET_NAME
-    print("wheelhouse: WARNING: the learning magnifier's checkpoint was not found (AMANLIB_MAGNET_CHECKPOINT, "
-          f"{reference}/magnet, ~/.cache/amanlib): bench/gpu.sh will fall back to the Eulerian magnifier",
-          file=sys.stderr)
+    from amanlib.magnify.checkpoint import MAGNET_SHA256, default_checkpoint_path, sha256_of
+    source = default_checkpoint_path()
+    if source.is_file() and sha256_of(source) == MAGNET_SHA256:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest / MAGNET_NAME)
+        return dest / MAGNET_NAME
+    state = "does not have the checkpoint's SHA-256" if source.is_file() else "does not exist"
+    print(f"wheelhouse: WARNING: the learning magnifier's checkpoint {source} {state} (set AMANLIB_MAGNET_CHECKPOINT):"
+          " bench/gpu.sh will fall back to the Eulerian magnifier", file=sys.stderr)
     return None
 
 
