@@ -73,6 +73,16 @@ class AMANHead(nn.Module):
         self.beta = nn.Sequential(nn.Linear(512, 1), nn.Sigmoid())
         self.pred_fc = nn.Linear(512, num_classes)
 
+    @torch.no_grad()
+    def zero_unused_attention(self, n_factors: int) -> None:
+        """Zero the attention layers whose scores nothing reads (switched off, or alpha over one factor), so weight
+        decay keeps them at 0: decayed towards 0 instead, they turn denormal, and every matmul that reads a denormal
+        takes the CPU's slow path (measured: the sweep's ran 5x slower). Predictions do not change."""
+        for layer, read in ((self.alpha[0], self.use_alpha and n_factors > 1), (self.beta[0], self.use_beta)):
+            if not read:
+                layer.weight.zero_()
+                layer.bias.zero_()
+
     def forward(self, f: torch.Tensor):
         """f B, F, K, 512 -> logits B, C, alpha B, F, K, beta B, F. The weighted means are sum(alpha f) / sum(alpha),
         computed by attention_weights so that they stay finite; with use_alpha / use_beta off, a plain mean."""

@@ -165,6 +165,8 @@ def make_head(head, cfg: TrainConfig, num_classes: int, n_frames: int, n_factors
             setattr(module, name, getattr(cfg, name))
         elif not getattr(cfg, name):
             raise ValueError(f"{name}=False, but the head {type(module).__name__} has no switch {name}")
+    if isinstance(module, AMANHead):
+        module.zero_unused_attention(n_factors)
     return module
 
 
@@ -195,14 +197,15 @@ class _Fold:
             fit = features[torch.as_tensor(fit_rows if fit_rows is not None else np.arange(len(features)))]
             self.shift, self.scale = standardisation(fit.to(device, torch.float32).flatten(0, 2))  # n*F*K, 512
         self.generator = torch.Generator().manual_seed(seed)
+        n_factors = len(cfg.factor_slots) if cfg.factor_slots is not None else features.shape[2]
         if self.pooled:
-            n_factors = len(cfg.factor_slots) if cfg.factor_slots is not None else features.shape[2]
             self.model = make_head(head, cfg, num_classes, features.shape[1], n_factors, seed).to(device)
         else:
             torch.manual_seed(seed)
             self.model = AMAN(num_classes, in_channels=features.shape[3], use_alpha=cfg.use_alpha,
                               use_beta=cfg.use_beta, layer4_bn=cfg.layer4_bn,
                               channels_last=cfg.channels_last and device.type != "cpu").to(device)
+            self.model.zero_unused_attention(n_factors)
             if cfg.init_layer4_from:
                 self.model.load_layer4(cfg.init_layer4_from)
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)

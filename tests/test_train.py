@@ -242,3 +242,25 @@ def test_a_channel_constant_over_the_training_clips_is_centred_not_divided():
     shift, scale = train.standardisation(fit)
     assert scale[7] == 1 and scale[9] == 1 and shift[7] == 0.5
     torch.testing.assert_close(scale[:7], fit[:, :7].std(0))  # the others are divided by their deviation
+
+
+@pytest.mark.parametrize("slots, use_alpha, use_beta", [((2,), True, True), (None, False, True), (None, True, False)])
+def test_unread_attention_stays_zero_and_nothing_turns_denormal(tmp_path, slots, use_alpha, use_beta):
+    """Weight decay drives attention layers whose scores nothing reads towards 0 through denormal floats (a slow path
+    of every CPU matmul); they start at 0 and stay there, and the run's predictions are those of a random start."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 2, 4, 512, generator=g)
+    labels = torch.arange(24) % 3
+    cfg = TrainConfig(epochs=30, batch_size=4, factor_slots=slots, use_alpha=use_alpha, use_beta=use_beta,
+                      weight_decay=0.1, device="cpu")
+    fold = train._Fold(cfg, x, labels, 3, torch.device("cpu"), seed=0, fit_rows=np.arange(24))
+    unread = [fold.model.alpha[0]] if slots or not use_alpha else []
+    unread += [] if use_beta else [fold.model.beta[0]]
+    assert unread and all(float(p.abs().sum()) == 0 for layer in unread for p in layer.parameters())
+    for _ in range(cfg.epochs):
+        fold.train_epoch(np.arange(24))
+    for layer in unread:
+        assert all(float(p.abs().sum()) == 0 for p in layer.parameters())
+    smallest = torch.finfo(torch.float32).tiny
+    for name, p in fold.model.named_parameters():
+        assert not ((p != 0) & (p.abs() < smallest)).any(), f"{name} holds denormal floats"
