@@ -106,7 +106,7 @@ def update_metrics(results_dir, **fields) -> dict:
 
 METRICS_FIELDS = ("dataset", "epoch_selection", "optimistic", "model", "backbone", "magnifier", "factors", "clips",
                   "subjects", "seeds", "uf1", "uar", "accuracy", "uf1_ci", "uar_ci", "per_subset", "ablations",
-                  "comparisons", "mechanism", "method", "fidelity", "run_dir", "run_dirs")
+                  "comparisons", "mechanism", "protocol_gap", "method", "fidelity", "run_dir", "run_dirs")
 """The fields of metrics.json that notebook 05 and `amanlib readme` read (record_training writes them all)."""
 
 
@@ -294,8 +294,7 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
         "uf1": aman["uf1"], "uar": aman["uar"], "accuracy": aman["accuracy"],
         "uf1_ci": aman["uf1_ci"], "uar_ci": aman["uar_ci"],
         "per_subset": subsets.to_dict(orient="index"),
-        "paper_protocol_on_same_run": protocol_gap(list(runs.values()), cfg["epoch_selection"]).loc[BEST_TEST]
-                                      .to_dict(),
+        "protocol_gap": protocol_gap(list(runs.values()), cfg["epoch_selection"]).to_dict(orient="index"),
         "ablations": ablations,
         "comparisons": [] if comparisons is None else [
             {"a": r.a, "b": r.b, "metric": r.metric, "diff": float(r.diff), "ci": [float(x) for x in r.ci],

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -34,8 +33,8 @@ from .results import LOSOResult
 from .runtime import progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, ablation_variants, check_finite, check_head,
                     check_index, choose_epoch, clip_names, diverged, finish_run, fold_seed, inner_val_subject,
-                    loso_folds, make_head, make_optimizer, model_name, prepare_features, repair_advice, run_inputs,
-                    run_loso, standardisation, unpack_features)
+                    loso_folds, make_head, make_loss, make_optimizer, model_name, prepare_features, repair_advice,
+                    run_inputs, run_loso, standardisation, unpack_features)
 
 PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
 CHUNK_ELEMENTS = 2 ** 20  # floats of gathered features per matmul on a CPU (4 MB: stays in cache; measured)
@@ -529,6 +528,7 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=Non
     test_idx, test_mask = _padded([d["test"] for d in models], device)
     val_idx, val_mask = _padded([d["val"] for d in models], device)
     optimizer, scheduler = make_optimizer(program.heads.leaves(), cfg)
+    criterion = make_loss(reduction="none")
     log = {"pred": [], "alpha": [], "beta": [], "val_pred": [], "history": []}
     for epoch in range(cfg.epochs):
         lr = optimizer.param_groups[0]["lr"]
@@ -538,7 +538,7 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=Non
         program.train(True)
         for step in range(len(order)):
             logits = program(order[step])[0]  # M, B, C
-            loss = (F.cross_entropy(logits.transpose(1, 2), y[step], reduction="none") * weight[step]).sum(1)  # M
+            loss = (criterion(logits.transpose(1, 2), y[step]) * weight[step]).sum(1)  # M: each batch's mean
             loss.sum().backward()
             program.heads.step(optimizer, step)
             losses[step] = loss.detach()

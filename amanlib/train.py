@@ -170,6 +170,26 @@ def make_head(head, cfg: TrainConfig, num_classes: int, n_frames: int, n_factors
     return module
 
 
+def make_model(head, cfg: TrainConfig, num_classes: int, features_shape, seed: int, device="cpu") -> nn.Module:
+    """The model a fold trains, drawn from `seed`: on pooled features [N, F, K, 512] (frozen layer4) the head alone
+    (make_head), on trunk maps [N, F, K, C, H, W] AMAN with its layer4 (started from cfg.init_layer4_from)."""
+    n_frames, n_factors = features_shape[1], len(cfg.factor_slots or range(features_shape[2]))
+    if len(features_shape) == 4:
+        return make_head(head, cfg, num_classes, n_frames, n_factors, seed).to(device)
+    torch.manual_seed(seed)
+    model = AMAN(num_classes, in_channels=features_shape[3], use_alpha=cfg.use_alpha, use_beta=cfg.use_beta,
+                 layer4_bn=cfg.layer4_bn, channels_last=cfg.channels_last and torch.device(device).type != "cpu")
+    model.zero_unused_attention(n_factors)
+    if cfg.init_layer4_from:
+        model.load_layer4(cfg.init_layer4_from)
+    return model.to(device)
+
+
+def make_loss(reduction: str = "mean") -> nn.Module:
+    """The training loss of both engines: cross-entropy of the logits, a batch's loss its mean over clips."""
+    return nn.CrossEntropyLoss(reduction=reduction)
+
+
 def head_key(head) -> str | None:
     """What names a custom head in a run's key (None: AMAN's): its qualified name and a digest of its source code, so
     editing the head's class or factory makes a new run. Code it calls elsewhere is not read: after changing only
@@ -197,22 +217,12 @@ class _Fold:
             fit = features[torch.as_tensor(fit_rows if fit_rows is not None else np.arange(len(features)))]
             self.shift, self.scale = standardisation(fit.to(device, torch.float32).flatten(0, 2))  # n*F*K, 512
         self.generator = torch.Generator().manual_seed(seed)
-        n_factors = len(cfg.factor_slots) if cfg.factor_slots is not None else features.shape[2]
-        if self.pooled:
-            self.model = make_head(head, cfg, num_classes, features.shape[1], n_factors, seed).to(device)
-        else:
-            torch.manual_seed(seed)
-            self.model = AMAN(num_classes, in_channels=features.shape[3], use_alpha=cfg.use_alpha,
-                              use_beta=cfg.use_beta, layer4_bn=cfg.layer4_bn,
-                              channels_last=cfg.channels_last and device.type != "cpu").to(device)
-            self.model.zero_unused_attention(n_factors)
-            if cfg.init_layer4_from:
-                self.model.load_layer4(cfg.init_layer4_from)
+        self.model = make_model(head, cfg, num_classes, features.shape, seed, device)
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
         fp16 = self.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = make_loss()
 
     def batch(self, rows: torch.Tensor) -> torch.Tensor:
         x = self.features[rows.to(self.features.device)]

@@ -56,3 +56,13 @@ def test_no_import_cycle_at_module_level():
 
     cycles = [c for c in map(cycle_from, modules) if c]
     assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+def test_only_notebook_04_writes_metrics_json():
+    """Each notebook writes only its own outputs: metrics.json is notebook 04's (record_training); 05 reads it."""
+    import json
+    writers = ("record_training", "update_metrics", "save_json")
+    for path in sorted((ROOT.parent / "notebooks").glob("*.ipynb")):
+        code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+        called = [w for w in writers if w + "(" in code]
+        assert called == (["record_training"] if path.name.startswith("04") else []), f"{path.name} calls {called}"

@@ -256,11 +256,11 @@ def test_unread_attention_stays_zero_and_nothing_turns_denormal(tmp_path, slots,
     fold = train._Fold(cfg, x, labels, 3, torch.device("cpu"), seed=0, fit_rows=np.arange(24))
     unread = [fold.model.alpha[0]] if slots or not use_alpha else []
     unread += [] if use_beta else [fold.model.beta[0]]
-    assert unread and all(float(p.abs().sum()) == 0 for layer in unread for p in layer.parameters())
+    assert unread and all(float(p.detach().abs().sum()) == 0 for layer in unread for p in layer.parameters())
     for _ in range(cfg.epochs):
         fold.train_epoch(np.arange(24))
     for layer in unread:
-        assert all(float(p.abs().sum()) == 0 for p in layer.parameters())
+        assert all(float(p.detach().abs().sum()) == 0 for p in layer.parameters())
     smallest = torch.finfo(torch.float32).tiny
     for name, p in fold.model.named_parameters():
         assert not ((p != 0) & (p.abs() < smallest)).any(), f"{name} holds denormal floats"
