@@ -20,24 +20,26 @@ half-written, whichever executor ran it:
   as feature extraction with its magnifier and trunk: each worker builds `obj = factory(**shared)` once, then
   returns `getattr(obj, method)(item)` per item. One actor per slot unless n_actors says otherwise.
 - `Executor.parallelism` is how many units run at once; a driver that chunks its work (sweep models, clips)
-  makes at least that many chunks. `Executor.threads` is the torch thread count of a Ray task (None locally).
+  makes at least that many chunks. `Executor.threads` is the torch thread count of a Ray actor (None locally).
 
 `fn` and `factory` are module-level functions or classes (Ray workers import them, so amanlib must be
 installed there in the same version) or closures without large captured objects. A unit's result must not
 depend on the executor: `fn` gets the same item and shared objects either way, so it derives everything else
 from them (the driver computes per-unit seeds before mapping, as run_loso does) and must not modify `shared`
 (locally every call sees the same objects, on Ray each task its own copy, read-only for NumPy arrays). The
-executor is therefore no part of a run's identity. A Ray task or actor sets torch's intra-op thread count to
+executor is therefore no part of a run's identity. A Ray actor sets torch's intra-op thread count to
 `cpus_per_task` (rounded, at least 1) so tasks sharing a machine do not oversubscribe its cores; the local
 executor leaves the driver's setting alone. CPU kernels may sum in another order with another thread count,
 so local and Ray results agree bit for bit when the driver runs on as many threads as a task. With
 `gpus_per_task`, Ray gives each worker its share of the GPUs as CUDA_VISIBLE_DEVICES, so "cuda" is the
 device to use there.
 
-Failures: a task whose worker process dies (killed, out of memory, a lost node) is run again by Ray up to
-`max_retries` times; a dead actor is restarted as often, builds its object again and re-runs its item. An
-ordinary exception in `fn`, `factory` or the method is not retried: it reaches the driver at once as that
-exception type with its message, and the units still queued are cancelled.
+On Ray both maps run on actors fed by Ray's own `ray.util.ActorPool` (`map` as the actor's object `fn` bound to
+`shared`): a unit goes to an idle actor and the rest wait in the driver, so nothing is ever queued on Ray to be
+cancelled. Failures: an actor whose process dies (killed, out of memory, a lost node) is restarted by Ray up to
+`max_retries` times, builds its object again and re-runs its unit. An ordinary exception in `fn`, `factory` or the
+method is not retried: it reaches the driver at once as that exception type with its message; the map's actors
+are then killed and the units still waiting are never sent.
 
 Ray: `ray_address=None` uses $RAY_ADDRESS when set, else starts a Ray instance of its own on this machine
 with all its cores; "auto" joins the cluster `ray start` runs here (or that this machine belongs to),
@@ -53,7 +55,6 @@ import logging
 import math
 import os
 import socket
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -238,6 +239,9 @@ def _connect(ray, address: str | None, endpoint: tuple[str, int] | None) -> bool
     try:
         ray.init(address=address or "local", **options)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        if address is None:  # seen on a loaded machine: "The current node timed out during startup"
+            raise ConnectionError(f"a local Ray instance could not start ({_root_cause(e)}); run with executor "
+                                  "'local' (-p executor local) instead") from e
         raise ConnectionError(f"cannot connect to Ray at ray_address {address!r}: {_root_cause(e)}") from e
     return True
 
@@ -258,11 +262,14 @@ def _slots(total: dict, cpus_per_task: float, gpus_per_task: float) -> int:
     return min(counts)
 
 
-def _run_task(item, payload, threads: int):
-    """One Ray task: fn(item, **shared) on `threads` torch threads."""
-    fn, shared = payload
-    torch.set_num_threads(threads)
-    return fn(item, **shared)
+class _Call:
+    """map's unit as an actor's object: fn(item, **kwargs)."""
+
+    def __init__(self, fn: Callable, kwargs: dict):
+        self.fn, self.kwargs = fn, kwargs
+
+    def __call__(self, item):
+        return self.fn(item, **self.kwargs)
 
 
 class _Worker:
@@ -274,18 +281,18 @@ class _Worker:
         torch.set_num_threads(threads)
         self.obj = None
 
-    def run(self, boxed_payload: list, method: str, item):
-        """The object's method on one item, building the object first if needed."""
+    def run(self, boxed_payload: list, method: str, position: int, item) -> tuple[int, Any]:
+        """(position, the object's method on the item), building the object first if needed."""
         if self.obj is None:
             import ray
 
             factory, shared = ray.get(boxed_payload[0])
             self.obj = factory(**shared)
-        return getattr(self.obj, method)(item)
+        return position, getattr(self.obj, method)(item)
 
 
 class RayExecutor(Executor):
-    """Tasks and actors on a Ray instance or cluster; use make_executor to build one."""
+    """Actors on a Ray instance or cluster, fed by Ray's ActorPool; use make_executor to build one."""
 
     name = "ray"
 
@@ -300,8 +307,6 @@ class RayExecutor(Executor):
         except BaseException:
             self.close()
             raise
-        self._task = ray.remote(_run_task).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
-                                                   max_retries=max_retries, retry_exceptions=False)
         self._actor = ray.remote(_Worker).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
                                                   max_restarts=max_retries, max_task_retries=max_retries)
 
@@ -315,52 +320,27 @@ class RayExecutor(Executor):
         return max(1, slots)
 
     def _map(self, fn, items, shared):
-        if not items:
-            return
-        ray = self._ray
-        payload = ray.put((fn, shared))
-        pending = {self._task.remote(item, payload, self.threads): i for i, item in enumerate(items)}
-        yield from self._collect(pending, lambda ref: None, cancel=True)
+        return self._actor_map(_Call, "__call__", items, {"fn": fn, "kwargs": shared}, None)
 
     def _actor_map(self, factory, method, items, shared, n_actors):
+        """Items go to the pool's idle actors, the rest wait in the driver (ActorPool), so an error leaves nothing
+        queued on Ray to cancel; the actors are killed when the map ends, finished or not."""
         if not items:
             return
         ray = self._ray
-        payload = ray.put((factory, shared))
-        count = min(n_actors or self.parallelism, len(items))
-        actors = [self._actor.remote(self.threads) for _ in range(count)]
-        queue = deque(enumerate(items))
-        pending, owner = {}, {}
+        from ray.util import ActorPool
 
-        def submit(actor) -> None:
-            if queue:
-                position, item = queue.popleft()
-                ref = actor.run.remote([payload], method, item)
-                pending[ref], owner[ref] = position, actor
-
-        for actor in actors:
-            submit(actor)
+        payload = [ray.put((factory, shared))]
+        actors = [self._actor.remote(self.threads) for _ in range(min(n_actors or self.parallelism, len(items)))]
+        pool = ActorPool(actors)
         try:
-            yield from self._collect(pending, lambda ref: submit(owner.pop(ref)), cancel=False)
+            for position, item in enumerate(items):
+                pool.submit(lambda actor, unit: actor.run.remote(payload, method, *unit), (position, item))
+            while pool.has_next():
+                yield pool.get_next_unordered()
         finally:
             for actor in actors:
                 ray.kill(actor)
-
-    def _collect(self, pending: dict, on_done: Callable, cancel: bool) -> Iterator[tuple[int, Any]]:
-        """Yield (position, result) as refs finish; on_done(ref) may add refs; leftovers cancelled on exit."""
-        ray = self._ray
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    result = ray.get(ref)
-                    position = pending.pop(ref)
-                    on_done(ref)
-                    yield position, result
-        finally:
-            if cancel:
-                for ref in pending:
-                    ray.cancel(ref)
 
     def close(self) -> None:
         """Disconnect from Ray if this executor connected (stopping a local instance it started)."""
