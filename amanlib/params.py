@@ -11,6 +11,7 @@ import copy
 import difflib
 import enum
 import importlib.util
+import json
 import logging
 import math
 import numbers
@@ -18,14 +19,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, get_args
 
 import torch
 
-from .fidelity import FIDELITIES, PRESETS, preset_name
-from .runtime import PRECISIONS, device_available, mps_available, resolve_precision
+from .backbone import BACKBONES
+from .data.frames import ApexMethod
+from .data.sources import DATASETS, LABEL_PROTOCOLS, NEEDS as DATASET_NEEDS
 from .data.synthetic import REGIMES
+from .executors import EXECUTORS
+from .fidelity import FIDELITIES, PRESETS, preset_name
 from .magnify import METHODS as MAGNIFIERS
+from .runtime import PRECISIONS, device_available, mps_available, resolve_precision
+from .train import EPOCH_SELECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +139,10 @@ _PARAMS = [
     Param("seed", Kind.INT, 0, (_DATA, _MAG, _FEAT), "seed of the data generation and the trunk pre-training "
           "(notebook 04 trains once per entry of seeds)", min=0),
     Param("dataset", Kind.CHOICE, "synthetic", (_DATA,), "the generated synthetic set or a real one (paths below)",
-          choices=("synthetic", "casme2", "samm", "smic", "composite")),
+          choices=DATASETS),
     Param("label_protocol", Kind.CHOICE, "megc2019_3class", (_DATA,),
           "classes: MEGC2019's 3 classes, or CASME II's / SAMM's 5 classes",
-          choices=("megc2019_3class", "casme2_5class", "samm_5class")),
+          choices=tuple(LABEL_PROTOCOLS)),
     Param("results_dir", Kind.PATH, "../results", _ALL, "output folder: figures, metrics.json, caches",
           path=PathRole.OUTPUT),
     Param("data_dir", Kind.PATH, "../data", (_DATA, _FEAT), "where the synthetic sets are written",
@@ -158,7 +164,7 @@ _PARAMS = [
                    "MEGC2019 combined_3class_gt.csv, to check the composite clip by clip"),
     Param("apex_method", Kind.CHOICE, "diff", (_DATA,),
           "apex estimate for SMIC, which has none: the frame most different from the onset, or the middle",
-          choices=("diff", "middle")),
+          choices=get_args(ApexMethod)),
     Param("n_strips", Kind.INT, 4, (_DATA,), "clips shown as onset/apex/offset strips", min=0),
     # 02_magnification
     Param("clip", Kind.INT, None, (_MAG,), "row of the clip table; None: the clip with the largest apex motion",
@@ -189,7 +195,7 @@ _PARAMS = [
     Param("backbone", Kind.CHOICE, "auto", (_FEAT,),
           "trunk: auto (FER+ when given, cached or downloadable, else synthetic_macro), fer, synthetic_macro or "
           "random",
-          choices=("auto", "fer", "synthetic_macro", "random")),
+          choices=BACKBONES),
     _optional_path("fer_checkpoint", PathRole.FILE, (_FEAT,),
                    "FER+ ResNet-18 of Emotion-FAN (Resnet18_FER+_pytorch.pth.tar)"),
     Param("download_fer", Kind.BOOL, True, (_FEAT,),
@@ -207,7 +213,7 @@ _PARAMS = [
     # 04_training
     Param("epoch_selection", Kind.CHOICE, "fixed", (_TRAIN,),
           "which epoch counts: fixed (the last), inner_val, paper (best on the test subject: optimistic)",
-          choices=("fixed", "inner_val", "paper")),
+          choices=EPOCH_SELECTIONS),
     Param("epochs", Kind.INT, 50, (_TRAIN,), "training epochs per fold", min=1),
     Param("batch_size", Kind.INT, 4, (_TRAIN,), "clips per training step", min=1),
     Param("lr", Kind.FLOAT, 1e-3, (_TRAIN,), "RMSprop learning rate", min=0, min_exclusive=True),
@@ -219,7 +225,7 @@ _PARAMS = [
     # 03 and 04: where the work runs
     Param("executor", Kind.CHOICE, "local", (_FEAT, _TRAIN),
           "local: this process; ray: Ray tasks (clips, folds, sweep chunks) on a local instance or ray_address",
-          choices=("local", "ray")),
+          choices=EXECUTORS),
     Param("ray_address", Kind.STR, None, (_FEAT, _TRAIN),
           "None: start a local Ray instance; 'auto': the cluster `ray start` runs here; 'ray://host:port'",
           none_ok=True, pattern=r"auto|(ray://)?[^\s:]+:[0-9]+", expect="'auto', 'ray://host:port' or 'host:port'"),
@@ -241,14 +247,6 @@ RENAMED = {
     "factors": {_MAG: "sweep_factors"},
 }
 
-# dataset -> the path parameters it needs
-DATASET_NEEDS = {
-    "casme2": ("casme2_coding", "casme2_frames"),
-    "samm": ("samm_codes", "samm_frames"),
-    "smic": ("smic_hs",),
-    "composite": ("casme2_coding", "casme2_frames", "samm_codes", "samm_frames", "smic_hs"),
-}
-
 
 def _notebook(name: str | os.PathLike) -> str:
     """A schema notebook from its name, file name or path ("04_training", "04_training.ipynb")."""
@@ -262,6 +260,51 @@ def declared(notebook: str) -> dict[str, Any]:
     """The parameters `notebook` declares, name -> default (a fresh copy)."""
     nb = _notebook(notebook)
     return {p.name: copy.deepcopy(p.default) for p in _PARAMS if nb in p.notebooks}
+
+
+_TYPES = {Kind.INT: "int", Kind.FLOAT: "float", Kind.BOOL: "bool", Kind.STR: "str", Kind.PATH: "str",
+          Kind.CHOICE: "str", Kind.FLOATS: "list[float]", Kind.INTS: "list[int]", Kind.STRS: "list[str]"}
+
+
+def annotation(p: Param) -> str:
+    """A parameter's type as its notebook cell annotates it (papermill --help-notebook shows it); an optional one
+    quoted, so the cell needs no import and papermill still reads it."""
+    return f'"Optional[{_TYPES[p.kind]}]"' if p.none_ok else _TYPES[p.kind]
+
+
+def _literal(value) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return f"[{', '.join(_literal(v) for v in value)}]"
+    return repr(value)
+
+
+def parameters_cell(notebook: str) -> str:
+    """The source of a notebook's parameters cell, all of it from this schema: per parameter `name: type = default
+    # help` (and the choices). `python -m amanlib.params` writes it into the notebooks."""
+    nb = _notebook(notebook)
+    lines = []
+    for p in (p for p in _PARAMS if nb in p.notebooks):
+        listed = all(c in p.help for c in p.choices)
+        choices = f" ({' | '.join(p.choices)})" if p.choices and not listed else ""
+        lines.append(f"{p.name}: {annotation(p)} = {_literal(p.default)}  # {p.help}{choices}")
+    return "\n".join(lines)
+
+
+def write_parameters_cells(folder: str | os.PathLike) -> list[Path]:
+    """Rewrite the parameters cell of each schema notebook in `folder` from parameters_cell; -> the files changed."""
+    changed = []
+    for nb in NOTEBOOKS:
+        path = Path(folder) / f"{nb}.ipynb"
+        book = json.loads(path.read_text())
+        cell = next(c for c in book["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        source = parameters_cell(nb).splitlines(keepends=True)
+        if cell["source"] != source:
+            cell["source"] = source
+            path.write_text(json.dumps(book, indent=1, ensure_ascii=True) + "\n")
+            changed.append(path)
+    return changed
 
 
 class _Invalid(Exception):
@@ -512,3 +555,8 @@ def check(notebook: str, values: Mapping[str, Any]) -> None:
     if "results_dir" in names:
         from .notebooks import claim_results_folder  # notebooks imports this module
         claim_results_folder(values["results_dir"])
+
+
+if __name__ == "__main__":
+    for written in write_parameters_cells(Path(__file__).resolve().parents[1] / "notebooks"):
+        print(f"wrote {written}")

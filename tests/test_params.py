@@ -1,6 +1,7 @@
 """The notebook parameters: checked before any notebook runs, every user error one line and exit code 2."""
 import ast
 import errno
+import inspect
 import math
 import os
 import shutil
@@ -69,6 +70,58 @@ def test_schema_matches_the_notebooks_parameters_cells(notebook):
     cell = pm.inspect_notebook(str(REPO_NOTEBOOKS / f"{notebook}.ipynb"))
     assert {k: ast.literal_eval(v["default"]) for k, v in cell.items()} == params.declared(notebook)
     assert sorted(p.stem for p in REPO_NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == list(params.NOTEBOOKS)
+
+
+@pytest.mark.parametrize("notebook", params.NOTEBOOKS)
+def test_the_parameters_cells_are_the_schema_rendered(notebook):
+    """Each setting is declared once, in params.py: its notebook's parameters cell (default, type, help, choices) is
+    rendered from it, and papermill --help-notebook reads the types."""
+    book = nbformat.read(REPO_NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
+    cell = next(c for c in book.cells if "parameters" in c.metadata.get("tags", []))
+    assert cell.source == params.parameters_cell(notebook), \
+        f"{notebook}'s parameters cell differs from amanlib/params.py: run python -m amanlib.params to rewrite it"
+    inferred = pm.inspect_notebook(str(REPO_NOTEBOOKS / f"{notebook}.ipynb"))
+    assert {k: v["inferred_type_name"] for k, v in inferred.items()} == \
+        {p.name: params.annotation(p).strip('"') for p in params.SCHEMA.values() if notebook in p.notebooks}
+
+
+def test_the_library_defaults_are_the_schemas():
+    """A notebook run and a library call with no arguments compute the same thing: each library default a
+    parameter feeds equals the parameter's default (frozen_layer4's None is resolved by resolve_frozen_layer4)."""
+    from amanlib.backbone import choose_backbone
+    from amanlib.data.frames import fill_apex
+    from amanlib.data.sources import Sources
+    from amanlib.data.synthetic import SyntheticConfig, synthetic_config
+    from amanlib.executors import make_executor
+    from amanlib.features import build_feature_cache
+    from amanlib.pretrain import PretrainConfig
+    from amanlib.train import TrainConfig
+
+    default = lambda fn, name: inspect.signature(fn).parameters[name].default  # noqa: E731
+    train, pretrain, synthetic, sources = TrainConfig(), PretrainConfig(), SyntheticConfig(), Sources()
+    library = {
+        "epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "amp": train.amp,
+        "epoch_selection": train.epoch_selection, "device": train.device, "pretrain_epochs": pretrain.epochs,
+        "precision": pretrain.precision, "feature_batch_size": default(build_feature_cache, "batch_size"),
+        "backbone": default(choose_backbone, "backbone"), "download_fer": default(choose_backbone, "download_fer"),
+        "synthetic_subjects": synthetic.n_subjects, "synthetic_clips_per_subject": synthetic.clips_per_subject,
+        "synthetic_regime": default(synthetic_config, "regime"), "dataset": sources.dataset,
+        "label_protocol": sources.label_protocol, "seed": sources.seed, "apex_method": default(fill_apex, "method"),
+        "executor": default(make_executor, "executor"), "ray_address": default(make_executor, "ray_address"),
+        "cpus_per_task": default(make_executor, "cpus_per_task"),
+        "gpus_per_task": default(make_executor, "gpus_per_task")}
+    assert {name: params.SCHEMA[name].default for name in library} == library
+
+
+def test_the_parameters_cells_are_rewritten_from_the_schema(tmp_path):
+    for name in params.NOTEBOOKS:
+        shutil.copy(REPO_NOTEBOOKS / f"{name}.ipynb", tmp_path)
+    assert params.write_parameters_cells(tmp_path) == []  # as committed
+    book = nbformat.read(tmp_path / "04_training.ipynb", as_version=4)
+    next(c for c in book.cells if "parameters" in c.metadata.get("tags", [])).source = "epochs = 3"
+    nbformat.write(book, tmp_path / "04_training.ipynb")
+    assert params.write_parameters_cells(tmp_path) == [tmp_path / "04_training.ipynb"]
+    assert pm.inspect_notebook(str(tmp_path / "04_training.ipynb"))["epochs"]["default"] == "50"
 
 
 def test_the_defaults_pass_validation(tmp_path, monkeypatch):
