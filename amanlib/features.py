@@ -182,7 +182,7 @@ def factor_set(factors=None, include_unmagnified: bool = True) -> list[float]:
     return ([1.0] if include_unmagnified else []) + magnified
 
 
-def build_feature_cache(index, magnifier, backbone, factors, n_frames: int, root: str | Path,
+def build_feature_cache(index, *, magnifier, backbone, factors, n_frames: int, root: str | Path,
                         magnifier_name: str = "", size: int | None = None, batch_size: int = 64, device="auto",
                         precision: str = "auto", progress: bool = True, executor="local") -> FeatureCache:
     """Magnify every clip and run the trunk into root/<key>/features.f16 ([N, F, K, 256, 14, 14] float16).

@@ -61,7 +61,7 @@ def _seeds(seeds) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, variants: list[Variant] | None = None,
+def run_sweep(features, index: pd.DataFrame, *, cfg: TrainConfig | None = None, variants: list[Variant] | None = None,
               seeds=(0,), runs_dir: str | Path = "results/work/runs", factors=None,
               progress: bool = True, executor="local", head=None) -> SweepResult:
     """Train every variant (default: the paper's ablations) with every seed under LOSO; one progress bar.
@@ -95,7 +95,8 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
         try:
             if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
                 keyed = Keyed(tensor, key, factors, repair_advice(features))
-                runs = {(v.name, s): run_loso(keyed, index, c, runs_dir, progress=progress, bar=bar, executor=ex)
+                runs = {(v.name, s): run_loso(keyed, index, cfg=c, runs_dir=runs_dir, progress=progress, bar=bar,
+                                              executor=ex)
                         for v, s, c in jobs}
             else:
                 runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar,
@@ -108,7 +109,7 @@ def run_sweep(features, index: pd.DataFrame, cfg: TrainConfig | None = None, var
     return _gather(runs)
 
 
-def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
+def run_ablations(features, index: pd.DataFrame, *, factors=None, cfg: TrainConfig | None = None,
                   runs_dir: str | Path = "results/work/runs", variants: list[Variant] | None = None,
                   seeds=None, progress: bool = True, executor="local", truth: pd.DataFrame | None = None,
                   oracle_target_px=ORACLE_TARGET_PX, head=None) -> tuple[pd.DataFrame, SweepResult]:
@@ -118,10 +119,11 @@ def run_ablations(features, index: pd.DataFrame, factors=None, cfg: TrainConfig 
     whose runs join the sweep's as variant `oracle factor (truth)`, never a method."""
     cfg = cfg or TrainConfig()
     seeds = seeds if seeds is not None else [cfg.seed]
-    result = run_sweep(features, index, cfg, variants, seeds, runs_dir, factors, progress, executor, head)
+    result = run_sweep(features, index, cfg=cfg, variants=variants, seeds=seeds, runs_dir=runs_dir, factors=factors,
+                       progress=progress, executor=executor, head=head)
     if truth is not None and any(_single_factor(r.config) for r in result.runs.values()):
-        oracle = run_oracle(features, index, truth, factors, cfg, runs_dir, seeds, oracle_target_px, progress, executor,
-                            head)
+        oracle = run_oracle(features, index, truth=truth, factors=factors, cfg=cfg, runs_dir=runs_dir, seeds=seeds,
+                            target_px=oracle_target_px, progress=progress, executor=executor, head=head)
         result = dataclasses.replace(_gather({**result.runs, **oracle.runs}), oracle=oracle.oracle)
     table = result.scores.drop(columns="epoch_selection")[["variant", "seed", "subset", "uf1", "uar", "accuracy", "n"]]
     table = table.assign(model=model_name(cfg), epoch_selection=cfg.epoch_selection
@@ -135,7 +137,7 @@ def _single_factor(config: dict) -> bool:
         and config["use_beta"]
 
 
-def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
+def run_oracle(features, index: pd.DataFrame, *, truth: pd.DataFrame, factors=None, cfg: TrainConfig | None = None,
                runs_dir: str | Path = "results/work/runs", seeds=(0,), target_px=ORACLE_TARGET_PX,
                progress: bool = True, executor="local", head=None) -> SweepResult:
     """The oracle (amanlib.oracle), a positive control: each clip's features at the factor slot chosen from the
@@ -169,8 +171,9 @@ def run_oracle(features, index: pd.DataFrame, truth: pd.DataFrame, factors=None,
         one = tensor[torch.arange(len(slots)), :, torch.tensor(slots)].unsqueeze(2)  # N, F, 1, ...: the chosen slots
         keyed = Keyed(one, key_of({"oracle": key, "slots": slots.tolist(), "target_px": float(target)}), None,
                       repair_advice(prepared))
-        runs.update(run_sweep(keyed, index, cfg, [Variant(name(target), (0,))], seeds, runs_dir, None,
-                              progress, executor, head).runs)
+        runs.update(run_sweep(keyed, index, cfg=cfg, variants=[Variant(name(target), (0,))], seeds=seeds,
+                              runs_dir=runs_dir, factors=None, progress=progress, executor=executor,
+                              head=head).runs)
     choice.insert(0, "variant", choice["target_px"].map(name))
     choice.insert(1, "dataset", np.tile(index["dataset"].astype(str).to_numpy(), choice["target_px"].nunique()))
     return dataclasses.replace(_gather(runs), oracle=choice)

@@ -495,7 +495,7 @@ def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig, head=No
     return {"features": features_key, "index": rows, "config": record, "head": head_key(head), "engine": ENGINE}
 
 
-def run_loso(features, index: pd.DataFrame, cfg: TrainConfig | None = None,
+def run_loso(features, index: pd.DataFrame, *, cfg: TrainConfig | None = None,
              runs_dir: str | Path = "results/work/runs", progress: bool = True, bar=None,
              executor="local", head=None) -> LOSOResult:
     """Leave-one-subject-out over `index` (columns dataset, subject, clip, label) with features [N, F, K, ...]

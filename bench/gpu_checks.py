@@ -142,15 +142,17 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
     before = strict_fp32(True)
     t0 = time.perf_counter()
     try:
-        cpu = run_loso(x, index, cfg, work / "cpu_fp32", progress=False)
+        cpu = run_loso(x, index, cfg=cfg, runs_dir=work / "cpu_fp32", progress=False)
         t_cpu = time.perf_counter() - t0
-        gpu = run_loso(x, index, dataclasses.replace(cfg, device=device), work / "gpu_fp32", progress=False)
+        gpu = run_loso(x, index, cfg=dataclasses.replace(cfg, device=device), runs_dir=work / "gpu_fp32",
+                       progress=False)
         t_gpu = time.perf_counter() - t0 - t_cpu
         logits_cpu, params_cpu = one_fold(cfg, x, index, "cpu", epochs)
         logits_gpu, params_gpu = one_fold(cfg, x, index, device, epochs)
     finally:
         restore(before)
-    bf16 = run_loso(x, index, dataclasses.replace(cfg, device=device, amp=True), work / "gpu_bf16", progress=False)
+    bf16 = run_loso(x, index, cfg=dataclasses.replace(cfg, device=device, amp=True), runs_dir=work / "gpu_bf16",
+                    progress=False)
     fp32_vs_cpu = compare_runs(gpu, cpu)
     fp32_vs_cpu.update(max_logit_diff=float((logits_gpu - logits_cpu).abs().max()),
                        max_logit=float(logits_cpu.abs().max()),

@@ -46,13 +46,13 @@ def main(argv=None):
     torch.set_num_threads(max(1, round(args.cpus_per_task)))  # as a Ray task has: the same sums, bit for bit
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        local = run_loso(x, index, cfg, Path(tmp) / "local", progress=False)
+        local = run_loso(x, index, cfg=cfg, runs_dir=Path(tmp) / "local", progress=False)
         local_s = time.perf_counter() - start
         start = time.perf_counter()
         with make_executor("ray", cpus_per_task=args.cpus_per_task) as ex:
             startup_s = time.perf_counter() - start
             start = time.perf_counter()
-            ray = run_loso(x, index, cfg, Path(tmp) / "ray", progress=False, executor=ex)
+            ray = run_loso(x, index, cfg=cfg, runs_dir=Path(tmp) / "ray", progress=False, executor=ex)
             ray_s = time.perf_counter() - start
         same = np.array_equal(local.predictions["pred"].to_numpy(), ray.predictions["pred"].to_numpy())
     table = pd.DataFrame([{"executor": "local", "seconds": local_s, "startup_seconds": 0.0},

@@ -32,7 +32,8 @@ from amanlib.train import TrainConfig, ablation_variants, run_loso
 def sweep_flops(x, index, cfg, variants, seeds, factors) -> int:
     """Matrix-product FLOPs of one sweep: counted over one epoch (every epoch does the same work) times the epochs."""
     with tempfile.TemporaryDirectory() as tmp, FlopCounterMode(display=False) as counter:
-        run_sweep(x, index, dataclasses.replace(cfg, epochs=1), variants, seeds, tmp, factors, progress=False)
+        run_sweep(x, index, cfg=dataclasses.replace(cfg, epochs=1), variants=variants, seeds=seeds, runs_dir=tmp,
+                  factors=factors, progress=False)
     return counter.get_total_flops() * cfg.epochs
 
 
@@ -60,7 +61,8 @@ def main(argv=None):
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        swept = run_sweep(x, index, cfg, variants, seeds, Path(tmp) / "sweep", factors, progress=False)
+        swept = run_sweep(x, index, cfg=cfg, variants=variants, seeds=seeds, runs_dir=Path(tmp) / "sweep",
+                          factors=factors, progress=False)
         sweep_s = time.perf_counter() - start
         looped = pairs[:args.loop_runs] if args.loop_runs else pairs
         start = time.perf_counter()
@@ -68,7 +70,7 @@ def main(argv=None):
         for v, s in looped:
             vcfg = TrainConfig(epochs=args.epochs, device="cpu", seed=s, factor_slots=v.factor_slots,
                                use_alpha=v.use_alpha, use_beta=v.use_beta)
-            alone = run_loso(x, index, vcfg, Path(tmp) / "loop", progress=False)
+            alone = run_loso(x, index, cfg=vcfg, runs_dir=Path(tmp) / "loop", progress=False)
             same += np.array_equal(alone.predictions["pred"].to_numpy(), swept.runs[(v.name, s)].predictions["pred"])
         loop_s = (time.perf_counter() - start) * len(pairs) / len(looped)
     load_after = os.getloadavg()

@@ -151,10 +151,10 @@ FAST = dict(epochs=2, step_size=1, device="cpu", batch_size=4)
 def test_a_damaged_run_is_trained_again_from_scratch(tmp_path, caplog, name, plant):
     index = toy_index(n_subjects=3, per_subject=2)
     x = toy_maps(index)
-    first = run_loso(x, index, TrainConfig(**FAST), tmp_path / "runs", progress=False)
+    first = run_loso(x, index, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "runs", progress=False)
     plant(first.out_dir / name)
     with caplog.at_level(logging.WARNING, logger="amanlib.cache"):
-        again = run_loso(x, index, TrainConfig(**FAST), tmp_path / "runs", progress=False)
+        again = run_loso(x, index, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "runs", progress=False)
     assert again.out_dir == first.out_dir and str(first.out_dir) in caplog.text and name in caplog.text
     pd.testing.assert_frame_equal(again.predictions.drop(columns=["alpha", "beta"]),
                                   first.predictions.drop(columns=["alpha", "beta"]))
@@ -178,11 +178,11 @@ def test_damaged_pooled_features_are_pooled_again(tmp_path, caplog):
 def test_a_damaged_run_of_a_sweep_is_trained_again(tmp_path, caplog):
     index = toy_index(n_subjects=3, per_subject=2)
     x = Keyed(toy_pooled(index, F=2, K=3), "toy", [1.0, 2.0, 4.0])
-    args = (index, TrainConfig(**FAST), [Variant("AMAN", (1, 2))], [0], tmp_path / "runs")
-    (first,) = run_sweep(x, *args, progress=False).runs.values()
+    args = {"cfg": TrainConfig(**FAST), "variants": [Variant("AMAN", (1, 2))], "seeds": [0], "runs_dir": tmp_path / "runs"}
+    (first,) = run_sweep(x, index, **args, progress=False).runs.values()
     _zero_block(first.out_dir / "predictions.csv")
     with caplog.at_level(logging.WARNING, logger="amanlib.cache"):
-        (again,) = run_sweep(x, *args, progress=False).runs.values()
+        (again,) = run_sweep(x, index, **args, progress=False).runs.values()
     assert str(first.out_dir) in caplog.text and "predictions.csv" in caplog.text
     pd.testing.assert_frame_equal(again.predictions.drop(columns=["alpha", "beta"]),
                                   first.predictions.drop(columns=["alpha", "beta"]))
@@ -192,7 +192,7 @@ def test_loading_a_damaged_run_names_it_and_what_repairs_it(tmp_path):
     """Notebook 05 reads runs back without training: a damaged one is an error naming the folder, not pandas'."""
     from amanlib.results import LOSOResult
     index = toy_index(n_subjects=3, per_subject=2)
-    run = run_loso(toy_maps(index), index, TrainConfig(**FAST), tmp_path / "runs", progress=False)
+    run = run_loso(toy_maps(index), index, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "runs", progress=False)
     _truncate(run.out_dir / "predictions.csv")
     with pytest.raises(ValueError, match=rf"LOSO run {run.out_dir} is damaged \(predictions.csv has .* notebook 04"):
         LOSOResult.load(run.out_dir)
@@ -214,7 +214,8 @@ def test_a_copied_or_moved_results_folder_reads_its_own_trunk(tmp_path):
     trunk = ResNet18Trunk().eval()
     torch.save({"state_dict": trunk.state_dict()}, work / "trunks" / "k" / "trunk.pth")
     backbone = Backbone(trunk, "synthetic_macro", work / "trunks" / "k" / "trunk.pth", "test trunk")
-    build_feature_cache(index, load_magnifier("eulerian"), backbone, [1.0, 3.0], 1, work / "features",
+    build_feature_cache(index, magnifier=load_magnifier("eulerian"), backbone=backbone, factors=[1.0, 3.0],
+                        n_frames=1, root=work / "features",
                         magnifier_name="eulerian", device="cpu", progress=False)
     shutil.copytree(tmp_path / "results", tmp_path / "copy")
     copied = load_feature_cache(tmp_path / "copy" / "work" / "features", index)

@@ -92,13 +92,13 @@ def test_feature_cache_resumes_and_keys_other_settings_apart(tmp_path, monkeypat
 
     real = features.magnify_clip
     count_calls(monkeypatch, features, "magnify_clip", real, crash_on=3)
-    args = (index, mag, trunk, [1.0, 3.0], 2, tmp_path / "cache")
+    args = {"magnifier": mag, "backbone": trunk, "factors": [1.0, 3.0], "n_frames": 2, "root": tmp_path / "cache"}
     with pytest.raises(KeyboardInterrupt):
-        features.build_feature_cache(*args, device="cpu", precision="fp32", progress=False)
+        features.build_feature_cache(index, **args, device="cpu", precision="fp32", progress=False)
     with pytest.raises(FileNotFoundError, match="no feature cache"):
         features.load_feature_cache(tmp_path / "cache")
     calls = count_calls(monkeypatch, features, "magnify_clip", real)
-    out = features.build_feature_cache(*args, device="cpu", precision="fp32", progress=False)  # compared with fp32
+    out = features.build_feature_cache(index, **args, device="cpu", precision="fp32", progress=False)  # against fp32
     assert len(calls) == 2 and out.features.shape == (4, 2, 2, 256, 14, 14) and out.features.dtype == np.float16
     cached = features.load_feature_cache(tmp_path / "cache", index)
     assert cached.key == out.key and cached.factors == [1.0, 3.0]
@@ -108,8 +108,9 @@ def test_feature_cache_resumes_and_keys_other_settings_apart(tmp_path, monkeypat
                                   progress=False)
     np.testing.assert_allclose(cached.features[3].reshape(4, 256, 14, 14).astype(np.float32), direct.numpy(),
                                atol=2e-2, rtol=1e-2)
-    other = features.build_feature_cache(index, mag, trunk, [1.0, 5.0], 2, tmp_path / "cache", device="cpu",
-                                         precision="fp32", progress=False)  # other settings: a folder of their own, the old one kept
+    other = features.build_feature_cache(index, magnifier=mag, backbone=trunk, factors=[1.0, 5.0], n_frames=2,
+                                         root=tmp_path / "cache", device="cpu", precision="fp32",
+                                         progress=False)  # other settings: a folder of their own, the old one kept
     assert other.path != out.path and (out.path / "done.json").exists()
     assert features.load_feature_cache(tmp_path / "cache").key == other.key
 
@@ -132,9 +133,11 @@ def test_frame_batch_features_are_the_authors_extraction(tmp_path):
     authors = copy.deepcopy(ResNet18Trunk()).train()
     authors.load_state_dict(trunk.state_dict())
     running = {k: v.clone() for k, v in trunk.state_dict().items()}
-    with_plain = features.build_feature_cache(index, mag, trunk, [1.0, 2.0, 4.0], 2, tmp_path / "a", device="cpu",
+    with_plain = features.build_feature_cache(index, magnifier=mag, backbone=trunk, factors=[1.0, 2.0, 4.0],
+                                              n_frames=2, root=tmp_path / "a", device="cpu",
                                               precision="fp32", progress=False)
-    only_magnified = features.build_feature_cache(index, mag, trunk, [2.0, 4.0], 2, tmp_path / "b", device="cpu",
+    only_magnified = features.build_feature_cache(index, magnifier=mag, backbone=trunk, factors=[2.0, 4.0],
+                                                  n_frames=2, root=tmp_path / "b", device="cpu",
                                                   precision="fp32", progress=False)  # compared with fp32 below
     np.testing.assert_array_equal(with_plain.features[:, :, 1:], only_magnified.features)  # slot 1 changes nothing
     clip = features.magnify_clip(index.iloc[1], mag, [2.0, 4.0], 2)  # F, K, 3, H, W
@@ -146,7 +149,8 @@ def test_frame_batch_features_are_the_authors_extraction(tmp_path):
     assert all(torch.equal(v, running[k]) for k, v in trunk.state_dict().items())  # running statistics untouched
     same_weights = ResNet18Trunk()
     same_weights.load_state_dict(trunk.state_dict())
-    eval_mode = features.build_feature_cache(index, mag, same_weights, [2.0, 4.0], 2, tmp_path / "b", device="cpu",
+    eval_mode = features.build_feature_cache(index, magnifier=mag, backbone=same_weights, factors=[2.0, 4.0],
+                                             n_frames=2, root=tmp_path / "b", device="cpu",
                                              precision="fp32", progress=False)
     assert eval_mode.key != only_magnified.key and eval_mode.inputs["trunk"]["bn"] == "running"  # keyed apart
 

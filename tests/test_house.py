@@ -66,3 +66,17 @@ def test_only_notebook_04_writes_metrics_json():
         code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
         called = [w for w in writers if w + "(" in code]
         assert called == (["record_training"] if path.name.startswith("04") else []), f"{path.name} calls {called}"
+
+
+def test_the_runners_take_keywords_after_features_and_index():
+    """run_loso, run_sweep, run_ablations and run_oracle take (features, index, *, ...), build_feature_cache
+    (index, *, ...): the same settings by the same names, never by position."""
+    import inspect
+
+    from amanlib.features import build_feature_cache
+    from amanlib.sweep import run_ablations, run_oracle, run_sweep
+    from amanlib.train import run_loso
+    for fn, leading in ((run_loso, 2), (run_sweep, 2), (run_ablations, 2), (run_oracle, 2), (build_feature_cache, 1)):
+        kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+        assert kinds[:leading] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * leading, fn.__name__
+        assert set(kinds[leading:]) == {inspect.Parameter.KEYWORD_ONLY}, fn.__name__

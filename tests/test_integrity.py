@@ -30,7 +30,8 @@ def _trunk():
 
 
 def _build(index, root, factors=(1.0, 3.0), magnifier="eulerian"):
-    return build_feature_cache(index, load_magnifier(magnifier), _trunk(), list(factors), 1, root,
+    return build_feature_cache(index, magnifier=load_magnifier(magnifier), backbone=_trunk(), factors=list(factors),
+                               n_frames=1, root=root,
                                magnifier_name=magnifier, device="cpu", progress=False)
 
 
@@ -71,8 +72,8 @@ def test_reordered_clip_table_is_refused_and_keyed_apart(tmp_path):
     with pytest.raises(ValueError, match="row 0 of the clip table"):
         load_feature_cache(tmp_path / "features", reordered)
     x = torch.randn(len(index), 1, 2, 512)
-    a = run_loso(x, index, TrainConfig(**FAST), tmp_path / "runs", progress=False)
-    b = run_loso(x, reordered, TrainConfig(**FAST), tmp_path / "runs", progress=False)
+    a = run_loso(x, index, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "runs", progress=False)
+    b = run_loso(x, reordered, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "runs", progress=False)
     assert a.out_dir != b.out_dir  # the index rows in order are part of a run's key
     assert built.inputs["clips"][0]["files"][0][0].startswith("reg_img")  # file names and digests, no folders
 
@@ -83,7 +84,7 @@ def test_another_magnifier_gets_other_features_and_other_runs(tmp_path):
     phase = _build(index, tmp_path / "f", magnifier="phase")
     assert eulerian.key != phase.key and eulerian.inputs["magnifier"]["name"] == "eulerian"
     cfg = TrainConfig(**FAST, frozen_layer4=True)
-    a, b = (run_loso(c, index, cfg, tmp_path / "runs", progress=False) for c in (eulerian, phase))
+    a, b = (run_loso(c, index, cfg=cfg, runs_dir=tmp_path / "runs", progress=False) for c in (eulerian, phase))
     assert a.out_dir != b.out_dir and a.config["features_key"] != b.config["features_key"]
     pooled = [json.loads(p.read_text())["inputs"]["features"]
               for p in (tmp_path / "runs" / "pooled").glob("*/key.json")]
@@ -96,7 +97,7 @@ def test_nan_features_stop_the_run_naming_the_clip(tmp_path):
     x = torch.randn(4, 1, 2, 512)
     x[2, 0, 1, 7] = float("nan")
     with pytest.raises(ValueError, match=r"casme2/s2/c"):
-        run_loso(x, index, TrainConfig(**FAST), tmp_path, progress=False)
+        run_loso(x, index, cfg=TrainConfig(**FAST), runs_dir=tmp_path, progress=False)
     assert not list(tmp_path.glob("*/predictions.csv"))
 
 
@@ -137,7 +138,7 @@ def test_pooled_features_follow_the_trunks_dtype(tmp_path, monkeypatch):
 
 def _run(args):
     x, index, lr, runs = args
-    return str(run_loso(x, index, TrainConfig(**FAST, lr=lr), runs, progress=False).out_dir)
+    return str(run_loso(x, index, cfg=TrainConfig(**FAST, lr=lr), runs_dir=runs, progress=False).out_dir)
 
 
 def test_concurrent_runs_into_one_folder_never_mix(tmp_path):
@@ -149,7 +150,7 @@ def test_concurrent_runs_into_one_folder_never_mix(tmp_path):
         folders = list(pool.map(_run, jobs))
     assert folders[0] == folders[2] != folders[1]  # same settings share one folder (the second waits, then reuses)
     for lr, folder in zip((1e-3, 5e-2), folders[:2]):
-        alone = run_loso(x, index, TrainConfig(**FAST, lr=lr), tmp_path / f"alone{lr}", progress=False)
+        alone = run_loso(x, index, cfg=TrainConfig(**FAST, lr=lr), runs_dir=tmp_path / f"alone{lr}", progress=False)
         mixed = train.LOSOResult.load(folder)
         assert mixed.config["lr"] == lr
         pd.testing.assert_frame_equal(mixed.predictions.drop(columns=["alpha", "beta"]),
@@ -194,11 +195,12 @@ def test_a_corrupt_feature_cache_is_named_and_the_advice_works(tmp_path):
     cache_ = load_feature_cache(tmp_path / "features", index)
     for cfg in (TrainConfig(**FAST), TrainConfig(**FAST, frozen_layer4=True)):
         with pytest.raises(ValueError, match=r"synthetic/sub01/EP02_01.*rm -r (\S+)\)") as err:
-            run_loso(cache_, index, cfg, tmp_path / "runs", progress=False)
+            run_loso(cache_, index, cfg=cfg, runs_dir=tmp_path / "runs", progress=False)
     shutil.rmtree(re.search(r"rm -r (\S+)\)", str(err.value)).group(1))  # the advice, followed
     rebuilt = _build(index, tmp_path / "features")
     assert rebuilt.key == built.key and np.isfinite(np.asarray(rebuilt.features, np.float32)).all()
-    run_loso(load_feature_cache(tmp_path / "features", index), index, TrainConfig(**FAST), tmp_path / "runs",
+    run_loso(load_feature_cache(tmp_path / "features", index), index, cfg=TrainConfig(**FAST),
+             runs_dir=tmp_path / "runs",
              progress=False)
 
 

@@ -48,19 +48,21 @@ def test_the_oracle_reads_the_truth_never_the_labels(tmp_path):
     index = uneven_index()
     x, truth = pooled(index), truth_of(index)
     shuffled = index.assign(label=np.random.default_rng(1).permutation(index["label"].to_numpy()))
-    a = run_oracle(x, index, truth, FACTORS, CFG, tmp_path / "a", seeds=[0], progress=False)
-    b = run_oracle(x, shuffled, truth, FACTORS, CFG, tmp_path / "b", seeds=[0], progress=False)
+    a = run_oracle(x, index, truth=truth, factors=FACTORS, cfg=CFG, runs_dir=tmp_path / "a", seeds=[0], progress=False)
+    b = run_oracle(x, shuffled, truth=truth, factors=FACTORS, cfg=CFG, runs_dir=tmp_path / "b", seeds=[0],
+                   progress=False)
     pd.testing.assert_frame_equal(a.oracle, b.oracle)  # other labels, the same slots
     expected = oracle_slots(truth["peak_px"], FACTORS, 6.0)
     assert a.oracle["slot"].tolist() == expected.tolist() and set(a.oracle["variant"]) == {ORACLE_VARIANT}
     # the run is a one-slot head on each clip's chosen slot, as run_loso trains it on those features gathered by hand
     gathered = torch.stack([x[i, :, s:s + 1] for i, s in enumerate(expected)])
-    alone = run_loso(Keyed(gathered, "by hand"), index, CFG, tmp_path / "loso", progress=False)
+    alone = run_loso(Keyed(gathered, "by hand"), index, cfg=CFG, runs_dir=tmp_path / "loso", progress=False)
     cols = ["dataset", "subject", "clip", "gt", "pred", "fold", "epoch"]
     pd.testing.assert_frame_equal(a.runs[(ORACLE_VARIANT, 0)].predictions[cols].reset_index(drop=True),
                                   alone.predictions[cols].reset_index(drop=True))
     # a planted truth (every clip 1.5 px: 4 x 1.5 = 6) puts every clip at factor 4; the key follows the slots
-    planted = run_oracle(x, index, truth.assign(peak_px=1.5), FACTORS, CFG, tmp_path / "a", seeds=[0], progress=False)
+    planted = run_oracle(x, index, truth=truth.assign(peak_px=1.5), factors=FACTORS, cfg=CFG, runs_dir=tmp_path / "a",
+                         seeds=[0], progress=False)
     assert set(planted.oracle["factor"]) == {4.0}
     assert planted.runs[(ORACLE_VARIANT, 0)].out_dir != a.runs[(ORACLE_VARIANT, 0)].out_dir
 
@@ -70,7 +72,8 @@ def test_ablations_with_truth_add_the_oracle_and_metrics_record_it(tmp_path):
     x, truth = pooled(index), truth_of(index)
     variants = [Variant("AMAN", (1, 2)), Variant("no magnification", (0,)), Variant("single factor 2", (1,)),
                 Variant("single factor 4", (2,))]
-    table, result = run_ablations(x, index, FACTORS, CFG, tmp_path / "runs", variants, seeds=[0, 1], progress=False,
+    table, result = run_ablations(x, index, factors=FACTORS, cfg=CFG, runs_dir=tmp_path / "runs", variants=variants,
+                                  seeds=[0, 1], progress=False,
                                   truth=truth)
     p = result.predictions
     assert set(p.variant) == {v.name for v in variants} | {ORACLE_VARIANT} and ORACLE_VARIANT in set(table.variant)
@@ -112,7 +115,8 @@ def test_ablations_with_truth_add_the_oracle_and_metrics_record_it(tmp_path):
         assert fig.axes
 
     # real data: no truth, no oracle, nothing by motion
-    _, plain = run_ablations(x, index, FACTORS, CFG, tmp_path / "runs", variants, seeds=[0, 1], progress=False)
+    _, plain = run_ablations(x, index, factors=FACTORS, cfg=CFG, runs_dir=tmp_path / "runs", variants=variants,
+                             seeds=[0, 1], progress=False)
     assert plain.oracle is None and ORACLE_VARIANT not in set(plain.predictions.variant)
     assert stats.oracle_check(plain, summary) is None and stats.accuracy_by_motion(plain.predictions, None) is None
 
@@ -120,7 +124,8 @@ def test_ablations_with_truth_add_the_oracle_and_metrics_record_it(tmp_path):
 def test_oracle_sensitivity_trains_one_oracle_per_target(tmp_path):
     index = uneven_index()
     x, truth = pooled(index), truth_of(index)
-    result = run_oracle(x, index, truth, FACTORS, CFG, tmp_path, seeds=[0], target_px=[6.0, 0.5], progress=False)
+    result = run_oracle(x, index, truth=truth, factors=FACTORS, cfg=CFG, runs_dir=tmp_path, seeds=[0],
+                        target_px=[6.0, 0.5], progress=False)
     assert set(result.predictions.variant) == {ORACLE_VARIANT, "oracle factor (truth, T = 0.5 px)"}
     assert set(result.oracle.loc[result.oracle.target_px == 0.5, "factor"]) == {2.0}  # 2 x 0.3 is nearest
     assert len(result.oracle) == 2 * len(index)

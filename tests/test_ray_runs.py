@@ -21,8 +21,8 @@ def test_ray_loso_equals_local_loso(tmp_path, ray_session, one_thread):
     index = toy_index(n_subjects=4, per_subject=5)
     x = toy_pooled(index, signal=0.5)
     cfg = TrainConfig(epochs=3, step_size=2, device="cpu", epoch_selection="paper")
-    local = run_loso(x, index, cfg, tmp_path / "local", progress=False)
-    ray = run_loso(x, index, cfg, tmp_path / "ray", progress=False, executor=ray_session)
+    local = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "local", progress=False)
+    ray = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "ray", progress=False, executor=ray_session)
     pd.testing.assert_frame_equal(ray.predictions, local.predictions)
     pd.testing.assert_frame_equal(ray.history, local.history)
     assert ray.out_dir.name == local.out_dir.name  # the executor is no part of the run's identity
@@ -43,9 +43,9 @@ def test_ray_features_equal_local_features(tmp_path, ray_session, one_thread):
     index = make_synthetic(tmp_path / "syn", seed=0, n_subjects=2, clips_per_subject=2)
     torch.manual_seed(0)
     trunk, mag = ResNet18Trunk(bn="frame_batch"), load_magnifier("eulerian")
-    args = (index, mag, trunk, [1.0, 3.0], 2)
-    local = build_feature_cache(*args, tmp_path / "local", device="cpu", progress=False)
-    ray = build_feature_cache(*args, tmp_path / "ray", device="cpu", progress=False, executor=ray_session)
+    args = {"magnifier": mag, "backbone": trunk, "factors": [1.0, 3.0], "n_frames": 2, "device": "cpu", "progress": False}
+    local = build_feature_cache(index, **args, root=tmp_path / "local")
+    ray = build_feature_cache(index, **args, root=tmp_path / "ray", executor=ray_session)
     assert ray.key == local.key  # the executor is no part of the features' identity
     assert (ray.path / "features.f16").read_bytes() == (local.path / "features.f16").read_bytes()
 
@@ -59,7 +59,9 @@ def test_ray_sweep_equals_local_sweep(tmp_path, ray_session, one_thread):
     factors = [1.0, 2.0, 4.0]
     cfg = TrainConfig(epochs=3, step_size=2, device="cpu")
     variants = ablation_variants(factors)
-    local = run_sweep(x, index, cfg, variants, [0, 1], tmp_path / "local", factors, progress=False)
-    ray = run_sweep(x, index, cfg, variants, [0, 1], tmp_path / "ray", factors, progress=False, executor=ray_session)
+    local = run_sweep(x, index, cfg=cfg, variants=variants, seeds=[0, 1], runs_dir=tmp_path / "local",
+                      factors=factors, progress=False)
+    ray = run_sweep(x, index, cfg=cfg, variants=variants, seeds=[0, 1], runs_dir=tmp_path / "ray", factors=factors,
+                    progress=False, executor=ray_session)
     pd.testing.assert_frame_equal(ray.predictions, local.predictions)
     pd.testing.assert_frame_equal(ray.scores, local.scores)

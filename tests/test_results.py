@@ -145,9 +145,11 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
     index = toy_index(n_subjects=6, per_subject=4)
     for magnifier, signal in (("learning", 0.0), ("lagrangian", 3.0)):
         folder = tmp_path / magnifier
-        runs = [run_loso(toy_pooled(index, signal=signal), index, TrainConfig(**FAST, seed=s), folder / "runs",
+        runs = [run_loso(toy_pooled(index, signal=signal), index, cfg=TrainConfig(**FAST, seed=s),
+                         runs_dir=folder / "runs",
                          progress=False) for s in (0, 1)]
-        (folder / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS), "magnifier": magnifier,
+        (folder / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS),
+                                                         "magnifier": magnifier,
                                                          "run_dirs": [str(r.out_dir.relative_to(folder)) for r in runs]}))
     comparison = results.magnifier_comparison(tmp_path / "learning", tmp_path / "lagrangian", 200, 200)
     assert (comparison["variant"], comparison["baseline"]) == ("AMAN (lagrangian)", "AMAN (learning)")
@@ -155,7 +157,7 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
     assert uf1["diff"] > 0 and uf1["ci"][0] <= uf1["diff"] <= uf1["ci"][1]
     assert results.magnifier_text(comparison).startswith("**AMAN (lagrangian) minus AMAN (learning)** (95% CI")
     other = toy_index(n_subjects=6, per_subject=3)
-    run = run_loso(torch.randn(len(other), 3, 4, 512), other, TrainConfig(**FAST), tmp_path / "x" / "runs",
+    run = run_loso(torch.randn(len(other), 3, 4, 512), other, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "x" / "runs",
                    progress=False)
     (tmp_path / "x" / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS),
                                                              "magnifier": "phase",

@@ -49,14 +49,14 @@ class WarmAlpha(AMANHead):
 def sweep_against_loso(tmp_path, cfg, variants, seeds, head=None):
     """run_sweep, and per (variant, seed) run_loso with the same settings: -> the sweep, [(batched, alone)]."""
     index, x = uneven_index(), pooled(uneven_index())
-    result = run_sweep(x, index, cfg, variants, seeds, tmp_path / "sweep", factors=[1.0, 2.0, 4.0], progress=False,
-                       head=head)
+    result = run_sweep(x, index, cfg=cfg, variants=variants, seeds=seeds, runs_dir=tmp_path / "sweep",
+                       factors=[1.0, 2.0, 4.0], progress=False, head=head)
     pairs = []
     for v in variants:
         for seed in seeds:
             vcfg = dataclasses.replace(cfg, seed=seed, factor_slots=v.factor_slots, use_alpha=v.use_alpha,
                                        use_beta=v.use_beta)
-            alone = run_loso(x, index, vcfg, tmp_path / "loso", progress=False, head=head)
+            alone = run_loso(x, index, cfg=vcfg, runs_dir=tmp_path / "loso", progress=False, head=head)
             assert result.runs[(v.name, seed)].out_dir.name == alone.out_dir.name  # the same keyed run
             pairs.append((result.runs[(v.name, seed)], alone))
     return result, pairs
@@ -86,21 +86,24 @@ def test_sweep_equals_run_loso_per_variant_and_seed(tmp_path, rule):
 def test_a_killed_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
     index, x = uneven_index(), pooled(uneven_index())
     cfg = TrainConfig(epochs=2, device="cpu")
-    full = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "a", factors=[1, 2, 4], progress=False)
+    full = run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "a", factors=[1, 2, 4],
+                     progress=False)
     monkeypatch.setattr(sweep, "PROGRAM_MODELS", 1)  # one (variant, seed) job per batched program
     count_calls(monkeypatch, sweep, "_train_models", sweep._train_models, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4], progress=False)
+        run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4],
+                  progress=False)
     finished = list((tmp_path / "b").glob("*/done.json"))
     assert len(finished) == 2  # the first two runs are complete, nothing else is stamped
     calls = count_calls(monkeypatch, sweep, "_train_models", sweep._train_models)
-    resumed = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4],
+    resumed = run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0, 1], runs_dir=tmp_path / "b", factors=[1, 2, 4],
                         progress=False)
     assert len(calls) == 6  # only the remaining six runs
     pd.testing.assert_frame_equal(resumed.predictions.drop(columns=["alpha", "beta"]),
                                   full.predictions.drop(columns=["alpha", "beta"]))
     with pytest.raises(ValueError, match="seeds"):
-        run_sweep(x, index, cfg, VARIANTS, seeds=[], runs_dir=tmp_path / "c", factors=[1, 2, 4], progress=False)
+        run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[], runs_dir=tmp_path / "c", factors=[1, 2, 4],
+                  progress=False)
 
 
 def test_sweep_equals_run_loso_on_features_far_from_zero(tmp_path):
@@ -110,10 +113,11 @@ def test_sweep_equals_run_loso_on_features_far_from_zero(tmp_path):
     g = torch.Generator().manual_seed(5)
     x = pooled(index) * torch.rand(512, generator=g) * 0.1 + torch.rand(512, generator=g) * 2
     cfg = TrainConfig(epochs=6, step_size=3, device="cpu")
-    result = run_sweep(x, index, cfg, VARIANTS[:1], seeds=[0], runs_dir=tmp_path / "sweep", factors=[1, 2, 4],
+    result = run_sweep(x, index, cfg=cfg, variants=VARIANTS[:1], seeds=[0], runs_dir=tmp_path / "sweep", factors=[1,
+                                                                                                                  2, 4],
                        progress=False)
     vcfg = dataclasses.replace(cfg, factor_slots=VARIANTS[0].factor_slots)
-    alone = run_loso(x, index, vcfg, tmp_path / "loso", progress=False)
+    alone = run_loso(x, index, cfg=vcfg, runs_dir=tmp_path / "loso", progress=False)
     batched = result.runs[(VARIANTS[0].name, 0)]
     pd.testing.assert_frame_equal(batched.predictions.drop(columns=["alpha", "beta"]).reset_index(drop=True),
                                   alone.predictions.drop(columns=["alpha", "beta"]).reset_index(drop=True))
@@ -124,10 +128,11 @@ def test_sweep_equals_run_loso_on_features_far_from_zero(tmp_path):
 def test_gathering_one_model_at_a_time_changes_nothing(tmp_path, monkeypatch):
     index, x = uneven_index(), pooled(uneven_index())
     cfg = TrainConfig(epochs=2, device="cpu")
-    together = run_sweep(x, index, cfg, VARIANTS, seeds=[0], runs_dir=tmp_path / "a", factors=[1, 2, 4],
+    together = run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0], runs_dir=tmp_path / "a", factors=[1, 2, 4],
                          progress=False)
     monkeypatch.setattr(sweep, "CHUNK_ELEMENTS", 1)  # every matmul chunk holds one model's rows
-    apart = run_sweep(x, index, cfg, VARIANTS, seeds=[0], runs_dir=tmp_path / "b", factors=[1, 2, 4], progress=False)
+    apart = run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0], runs_dir=tmp_path / "b", factors=[1, 2, 4],
+                      progress=False)
     pd.testing.assert_frame_equal(together.predictions.drop(columns=["alpha", "beta"]),
                                   apart.predictions.drop(columns=["alpha", "beta"]))
     pd.testing.assert_frame_equal(together.history, apart.history, atol=1e-6, check_exact=False)
@@ -138,11 +143,11 @@ def test_a_seeds_variants_gather_their_rows_once(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=3, device="cpu")
     shares, found = [], sweep._sharing
     monkeypatch.setattr(sweep, "_sharing", lambda *a: shares.append(found(*a)) or shares[-1])
-    shared = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "a", factors=[1, 2, 4],
+    shared = run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "a", factors=[1, 2, 4],
                        progress=False)
     assert sorted(shares) == [1, 3]  # AMAN and its two attention ablations per seed; the one-factor variant alone
     monkeypatch.setattr(sweep, "_sharing", lambda *a: 1)
-    apart = run_sweep(x, index, cfg, VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "b", factors=[1, 2, 4],
+    apart = run_sweep(x, index, cfg=cfg, variants=VARIANTS, seeds=[0, 3], runs_dir=tmp_path / "b", factors=[1, 2, 4],
                       progress=False)
     pd.testing.assert_frame_equal(shared.predictions.drop(columns=["alpha", "beta"]),
                                   apart.predictions.drop(columns=["alpha", "beta"]))
@@ -154,7 +159,8 @@ def test_a_custom_head_trains_alike_in_the_sweep_and_run_loso(tmp_path):
     warm, pairs = sweep_against_loso(tmp_path, cfg, VARIANTS, [0, 3], head=WarmAlpha)
     for batched, alone in pairs:
         assert_same_predictions(batched, alone)
-    aman = run_sweep(pooled(uneven_index()), uneven_index(), cfg, VARIANTS, [0, 3], tmp_path / "aman",
+    aman = run_sweep(pooled(uneven_index()), uneven_index(), cfg=cfg, variants=VARIANTS, seeds=[0, 3],
+                     runs_dir=tmp_path / "aman",
                      factors=[1.0, 2.0, 4.0], progress=False)
     assert {r.out_dir for r in aman.runs.values()}.isdisjoint(r.out_dir for r in warm.runs.values())  # own keys
     differ = aman.history.train_loss.to_numpy() - warm.history.train_loss.to_numpy()
@@ -204,7 +210,8 @@ def test_the_bar_moves_every_epoch_by_whole_units(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "progress_bar", Bar)
     index = uneven_index()
     cfg = TrainConfig(epochs=10, batch_size=4, frozen_layer4=True)
-    run_sweep(pooled(index), index, cfg, VARIANTS[:2], [0], tmp_path, factors=[1.0, 2.0, 4.0])
+    run_sweep(pooled(index), index, cfg=cfg, variants=VARIANTS[:2], seeds=[0], runs_dir=tmp_path, factors=[1.0, 2.0,
+                                                                                                           4.0])
     moves = [n for n in updates if n]
     assert all(isinstance(n, int) and n > 0 for n in moves)
     assert sum(moves) == 2 * 5 and len(moves) >= 5  # 2 runs x 5 folds, in more steps than programs

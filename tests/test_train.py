@@ -57,8 +57,8 @@ def test_full_model_is_deterministic(tmp_path):
     index = toy_index(n_subjects=3, per_subject=2)
     x = toy_maps(index)
     cfg = TrainConfig(epochs=2, step_size=1, device="cpu", batch_size=4)
-    a = run_loso(x, index, cfg, tmp_path / "a", progress=False)
-    b = run_loso(x, index, cfg, tmp_path / "b", progress=False)
+    a = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "a", progress=False)
+    b = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "b", progress=False)
     pd.testing.assert_frame_equal(a.predictions.drop(columns=["alpha", "beta"]),
                                   b.predictions.drop(columns=["alpha", "beta"]))
     np.testing.assert_array_equal(np.stack(a.predictions.alpha), np.stack(b.predictions.alpha))
@@ -82,14 +82,16 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, monkeypatch):
         return f
 
     monkeypatch.setattr(train.AMAN, "pool", recording_pool)
-    res = run_loso(toy_maps(index, K=1), index, TrainConfig(epochs=1, device="cpu", amp=True), tmp_path, progress=False)
+    res = run_loso(toy_maps(index, K=1), index, cfg=TrainConfig(epochs=1, device="cpu", amp=True), runs_dir=tmp_path,
+                   progress=False)
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert np.isfinite(np.stack(res.predictions.alpha)).all()
 
 
 def test_learns_a_separable_toy_problem(tmp_path):
     index = toy_index(n_subjects=6, per_subject=8)
-    res = run_loso(toy_pooled(index, signal=0.5), index, TrainConfig(epochs=8, device="cpu"), tmp_path, progress=False)
+    res = run_loso(toy_pooled(index, signal=0.5), index, cfg=TrainConfig(epochs=8, device="cpu"), runs_dir=tmp_path,
+                   progress=False)
     assert res.scores.loc["full", "accuracy"] > 0.9
     # the label lives in factor slot 1 only: alpha must learn to prefer it
     alpha = np.stack(res.predictions.alpha)
@@ -100,29 +102,30 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, monkeypatch
     index = toy_index(n_subjects=4)
     x = toy_pooled(index, signal=0.1)
     cfg = TrainConfig(**FAST)
-    full = run_loso(x, index, cfg, tmp_path / "full", progress=False)
+    full = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "full", progress=False)
 
     real = train.train_fold
     count_calls(monkeypatch, train, "train_fold", real, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
-        run_loso(x, index, cfg, tmp_path / "resumed", progress=False)
+        run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "resumed", progress=False)
     folds = [p for p in (tmp_path / "resumed").glob("*/folds")]
     assert len(folds) == 1 and len(list(folds[0].glob("*.pt"))) == 2
     assert not list(folds[0].glob(".*"))  # no half-written files
     calls = count_calls(monkeypatch, train, "train_fold", real)
-    resumed = run_loso(x, index, cfg, tmp_path / "resumed", progress=False)
+    resumed = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "resumed", progress=False)
     assert len(calls) == 2  # only the two unfinished folds ran
     pd.testing.assert_frame_equal(resumed.predictions.drop(columns=["alpha", "beta"]),
                                   full.predictions.drop(columns=["alpha", "beta"]))
-    other = run_loso(x, index, dataclasses.replace(cfg, lr=0.5), tmp_path / "resumed", progress=False)
+    other = run_loso(x, index, cfg=dataclasses.replace(cfg, lr=0.5), runs_dir=tmp_path / "resumed", progress=False)
     assert other.out_dir != resumed.out_dir and other.config["lr"] == 0.5  # its own folder; nothing mixed
 
 
 def test_paper_protocol_is_optimistic(tmp_path):
     index = toy_index(n_subjects=6, per_subject=6)
     x = toy_pooled(index, signal=0.08)  # weak signal: held-out accuracy varies from epoch to epoch
-    fixed = run_loso(x, index, TrainConfig(epochs=6, device="cpu"), tmp_path / "fixed", progress=False)
-    paper = run_loso(x, index, TrainConfig(epochs=6, device="cpu", epoch_selection="paper"), tmp_path / "paper",
+    fixed = run_loso(x, index, cfg=TrainConfig(epochs=6, device="cpu"), runs_dir=tmp_path / "fixed", progress=False)
+    paper = run_loso(x, index, cfg=TrainConfig(epochs=6, device="cpu", epoch_selection="paper"),
+                     runs_dir=tmp_path / "paper",
                      progress=False)
     acc = lambda r: accuracy(r.predictions["gt"], r.predictions["pred"])
     assert acc(paper) >= acc(fixed)
@@ -143,7 +146,8 @@ def test_inner_val_never_sees_the_test_subject(tmp_path, monkeypatch):
         return seen[-1][1]
 
     monkeypatch.setattr(train, "inner_val_subject", recording)
-    res = run_loso(toy_pooled(index), index, TrainConfig(**FAST, epoch_selection="inner_val"), tmp_path, progress=False)
+    res = run_loso(toy_pooled(index), index, cfg=TrainConfig(**FAST, epoch_selection="inner_val"), runs_dir=tmp_path,
+                   progress=False)
     for (name, test, _), (train_rows, val) in zip(loso_folds(index), seen):
         assert set(val) <= set(train_rows) and set(val).isdisjoint(test) and len(val) == 6
     assert "val_uf1" in res.history and res.history.groupby("fold").val_uf1.count().eq(3).all()
@@ -151,7 +155,7 @@ def test_inner_val_never_sees_the_test_subject(tmp_path, monkeypatch):
 
 def test_predictions_round_trip_through_megc_log(tmp_path):
     index = toy_index(n_subjects=3, datasets=("smic", "casme2", "samm"))
-    res = run_loso(toy_pooled(index), index, TrainConfig(**FAST), tmp_path, progress=False)
+    res = run_loso(toy_pooled(index), index, cfg=TrainConfig(**FAST), runs_dir=tmp_path, progress=False)
     back = read_megc_log(res.out_dir / "megc_log.txt")
     pd.testing.assert_frame_equal(back, res.predictions[["dataset", "subject", "clip", "gt", "pred"]]
                                   .reset_index(drop=True).astype({"gt": int, "pred": int}))
@@ -170,7 +174,7 @@ def test_frozen_layer4_and_ablations(tmp_path):
                      "single factor 2", "single factor 4"]
     assert ablation_variants(factors)[0].factor_slots == (1, 2)
     cfg = TrainConfig(**FAST, frozen_layer4=True, layer4_init="backbone", init_layer4_from=str(tmp_path / "trunk.pth"))
-    table, result = run_ablations(x, index, factors, cfg, tmp_path / "abl", progress=False)
+    table, result = run_ablations(x, index, factors=factors, cfg=cfg, runs_dir=tmp_path / "abl", progress=False)
     runs = {v: r for (v, _), r in result.runs.items()}
     assert set(table.variant) == set(names) and set(table.subset) == {"full", "casme2"}
     assert (table.model == "AMAN, frozen layer4").all()
@@ -197,8 +201,9 @@ def test_paper_rule_stops_at_100_and_keeps_the_last_epoch_of_a_subject_never_rig
     index.loc[index.subject == "sub03", "label"] = 2  # a class no training clip has: never predicted
     x = toy_pooled(index, signal=3.0)
     cfg = TrainConfig(epochs=8, device="cpu", epoch_selection="paper")
-    paper = run_loso(x, index, cfg, tmp_path / "paper", progress=False)
-    fixed = run_loso(x, index, dataclasses.replace(cfg, epoch_selection="fixed"), tmp_path / "fixed", progress=False)
+    paper = run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "paper", progress=False)
+    fixed = run_loso(x, index, cfg=dataclasses.replace(cfg, epoch_selection="fixed"), runs_dir=tmp_path / "fixed",
+                     progress=False)
     epochs = paper.history.groupby("fold").epoch.max() + 1
     assert (paper.history.groupby("fold").test_acc.max() == 1.0).sum() >= 2  # the signal is strong enough
     for fold, h in paper.history.groupby("fold"):
@@ -220,17 +225,18 @@ def test_a_diverged_run_raises_naming_the_run_and_caches_nothing(tmp_path):
     cfg = TrainConfig(**FAST, lr=1e37)  # RMSprop steps of about lr: the parameters overflow to inf
     with pytest.raises(train.TrainingDiverged, match=r"fold casme2/sub00, epoch \d.*lr 1e\+37.*Nothing of this run "
                                                      r"is cached") as e:
-        run_loso(x, index, cfg, tmp_path / "loso", progress=False)
+        run_loso(x, index, cfg=cfg, runs_dir=tmp_path / "loso", progress=False)
     assert e.value.fold == "casme2/sub00" and _no_stamp(tmp_path / "loso")
     with pytest.raises(train.TrainingDiverged, match=r"^AMAN: training diverged \(seed 0.*fold casme2/sub00"):
-        run_ablations(x, index, [1.0, 2.0, 4.0, 8.0], cfg, tmp_path / "sweep", progress=False)
+        run_ablations(x, index, factors=[1.0, 2.0, 4.0, 8.0], cfg=cfg, runs_dir=tmp_path / "sweep", progress=False)
     assert _no_stamp(tmp_path / "sweep")
 
 
 def test_the_full_model_raises_on_divergence_too(tmp_path):
     index = toy_index(n_subjects=3, per_subject=2)
     with pytest.raises(train.TrainingDiverged, match=r"fold casme2/sub00, epoch \d"):
-        run_loso(toy_maps(index, C=256, size=4), index, TrainConfig(**FAST, lr=1e37), tmp_path / "r", progress=False)
+        run_loso(toy_maps(index, C=256, size=4), index, cfg=TrainConfig(**FAST, lr=1e37), runs_dir=tmp_path / "r",
+                 progress=False)
     assert _no_stamp(tmp_path / "r")
 
 
