@@ -52,7 +52,8 @@ def _score(args) -> None:
 
 def _readme(args) -> None:
     from . import timing
-    from .results import magnifiers_markdown, read_metrics, render_readme
+    from .report import magnifiers_markdown, render_readme
+    from .results import read_metrics
     wide = Path(args.results) / "wide"
     others = [read_metrics(wide)] if (wide / "metrics.json").is_file() else []
     changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results), others,

@@ -256,7 +256,7 @@ def mechanism_scatter(truth_px: np.ndarray, preferred: np.ndarray, result: dict,
 
 def accuracy_by_motion(table: pd.DataFrame, title: str):
     """Accuracy per variant (one line each, dodged) over the bins of true motion, with 95% CI error bars
-    (table: stats.accuracy_by_motion or results.by_motion_frame); the oracle dashed, AMAN thick."""
+    (table: stats.accuracy_by_motion or report.by_motion_frame); the oracle dashed, AMAN thick."""
     bins = list(dict.fromkeys(table["bin"]))
     variants = list(dict.fromkeys(table["variant"]))
     ranges = table.drop_duplicates("bin").set_index("bin")

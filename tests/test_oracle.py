@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from amanlib import plots, results, stats
+from amanlib import plots, report, results, stats
 from amanlib.oracle import ORACLE_VARIANT, is_control, oracle_name, oracle_slots
 from amanlib.sweep import run_ablations, run_oracle
 from amanlib.train import Keyed, TrainConfig, Variant, run_loso
@@ -98,15 +98,15 @@ def test_ablations_with_truth_add_the_oracle_and_metrics_record_it(tmp_path):
     with pytest.raises(ValueError, match=r"metrics.json is not written: .* non-finite training loss \(.*history.csv"):
         results.record_training(tmp_path, index, cache, planted, summary, comparisons, None, oracle=oracle)
     assert metrics["by_motion"]["variants"]["AMAN"]["small"]["n_clips"] == by_motion["n_clips"].iloc[0]
-    table = results.variant_table(metrics)
+    table = report.variant_table(metrics)
     assert f"{ORACLE_VARIANT}: positive control" in set(table["variant"])
-    text = results.comparisons_text(metrics["comparisons"])
+    text = report.comparisons_text(metrics["comparisons"])
     assert "against the positive control" in text and text.count(ORACLE_VARIANT) == 2  # UF1 and UAR, said apart
-    assert f"minus the best single factor ({best}" in results.oracle_text(oracle)
-    shown = results.by_motion_table(metrics)
+    assert f"minus the best single factor ({best}" in report.oracle_text(oracle)
+    shown = report.by_motion_table(metrics)
     assert len(shown) == len(summary) and shown.iloc[0, 0].count("[") == 1
     keyed = lambda df: df.set_index(["variant", "bin"]).sort_index()  # noqa: E731
-    pd.testing.assert_frame_equal(keyed(results.by_motion_frame(metrics)), keyed(by_motion.drop(columns="n_subjects")),
+    pd.testing.assert_frame_equal(keyed(report.by_motion_frame(metrics)), keyed(by_motion.drop(columns="n_subjects")),
                                   check_dtype=False)  # metrics.json gives back what accuracy_by_motion found
     per_clip = stats.oracle_vs_preferred([r for (v, _), r in result.runs.items() if v == "AMAN"], truth, FACTORS)
     assert len(per_clip) == len(index) and per_clip["oracle_factor"].tolist() == result.oracle["factor"].tolist()

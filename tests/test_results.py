@@ -8,7 +8,8 @@ import pytest
 
 from amanlib import timing
 from amanlib import stats
-from amanlib.results import protocol_gap, readme_table, render_readme
+from amanlib.report import readme_table, render_readme
+from amanlib.results import protocol_gap
 from amanlib.runtime import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
     folders whose runs hold other clips are refused."""
     import torch
 
-    from amanlib import results
+    from amanlib import report, results
     from amanlib.train import TrainConfig, run_loso
     from test_train import FAST, toy_index, toy_pooled
 
@@ -151,11 +152,11 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
         (folder / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS),
                                                          "magnifier": magnifier,
                                                          "run_dirs": [str(r.out_dir.relative_to(folder)) for r in runs]}))
-    comparison = results.magnifier_comparison(tmp_path / "learning", tmp_path / "lagrangian", 200, 200)
+    comparison = report.magnifier_comparison(tmp_path / "learning", tmp_path / "lagrangian", 200, 200)
     assert (comparison["variant"], comparison["baseline"]) == ("AMAN (lagrangian)", "AMAN (learning)")
     uf1 = next(c for c in comparison["comparisons"] if c["metric"] == "uf1")
     assert uf1["diff"] > 0 and uf1["ci"][0] <= uf1["diff"] <= uf1["ci"][1]
-    assert results.magnifier_text(comparison).startswith("**AMAN (lagrangian) minus AMAN (learning)** (95% CI")
+    assert report.magnifier_text(comparison).startswith("**AMAN (lagrangian) minus AMAN (learning)** (95% CI")
     other = toy_index(n_subjects=6, per_subject=3)
     run = run_loso(torch.randn(len(other), 3, 4, 512), other, cfg=TrainConfig(**FAST), runs_dir=tmp_path / "x" / "runs",
                    progress=False)
@@ -163,13 +164,13 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
                                                              "magnifier": "phase",
                                                              "run_dirs": [str(run.out_dir.relative_to(tmp_path / "x"))]}))
     with pytest.raises(ValueError, match="same clips and seeds"):
-        results.magnifier_comparison(tmp_path / "learning", tmp_path / "x", 200, 200)
+        report.magnifier_comparison(tmp_path / "learning", tmp_path / "x", 200, 200)
 
 
 def test_a_metrics_json_without_a_field_the_kit_reads_is_one_line_naming_it(tmp_path, capsys):
     """metrics.json without run_dirs, fidelity or ablations: notebook 05 and `amanlib readme` stop with the file and
     the field named (issue 22), and any other error of a CLI command is one line too, its traceback behind --debug."""
-    from amanlib import cli, results
+    from amanlib import cli, report, results
     metrics = dict.fromkeys(results.METRICS_FIELDS)
     del metrics["ablations"], metrics["run_dirs"]
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
@@ -179,7 +180,7 @@ def test_a_metrics_json_without_a_field_the_kit_reads_is_one_line_naming_it(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("amanlib readme: error: ") and "lacks ablations" in err[0]
     (tmp_path / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS), "ablations": 3}))
-    (tmp_path / "README.md").write_text(f"{results.README_START}\n{results.README_END}\n")
+    (tmp_path / "README.md").write_text(f"{report.README_START}\n{report.README_END}\n")
     assert cli.main(["readme", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(amanlib --debug shows where)" in err[0]

@@ -188,7 +188,7 @@ def test_preferred_factor_by_hand():
 def test_fewer_than_min_subjects_cannot_reach_p_005_and_nothing_is_concluded():
     """MIN_SUBJECTS is where the exact sign-flip test first can reach p < 0.05 (issue 22: 2 subjects gave a '95% CI'
     and p 0.001); below it the texts mark the statistics and draw no conclusion."""
-    from amanlib import results
+    from amanlib import report
     smallest = {}
     for n in (stats.MIN_SUBJECTS - 1, stats.MIN_SUBJECTS):
         signs, exact = stats._sign_flips(n, 10000, np.random.default_rng(0))
@@ -196,7 +196,7 @@ def test_fewer_than_min_subjects_cannot_reach_p_005_and_nothing_is_concluded():
     assert smallest[stats.MIN_SUBJECTS - 1] > 0.05 > smallest[stats.MIN_SUBJECTS]
     comparisons = [{"a": "AMAN", "b": "no magnification", "metric": "uf1", "diff": 0.2, "ci": [0.1, 0.3],
                     "p_value": 0.001}]
-    few, enough = results.comparisons_text(comparisons, 2), results.comparisons_text(comparisons, 32)
+    few, enough = report.comparisons_text(comparisons, 2), report.comparisons_text(comparisons, 32)
     assert "Too few subjects" in few and "with 2 subjects" in few and "scores higher" not in few
     assert "scores higher than no magnification" in enough and "Too few" not in enough
     mechanism = {"spearman_r": 0.6, "ci": [0.5, 1.0], "p_value": 0.001, "n": 18}
