@@ -136,8 +136,7 @@ _ALL = NOTEBOOKS
 _MAGNET = (_MAG, _FEAT)
 _PARAMS = [
     # 01_dataset_prep
-    Param("seed", Kind.INT, 0, (_DATA, _MAG, _FEAT), "seed of the data generation and the trunk pre-training "
-          "(notebook 04 trains once per entry of seeds)", min=0),
+    Param("data_seed", Kind.INT, 0, (_DATA,), "seed of the synthetic set: its subjects, faces and clips", min=0),
     Param("dataset", Kind.CHOICE, "synthetic", (_DATA,), "the generated synthetic set or a real one (paths below)",
           choices=DATASETS),
     Param("label_protocol", Kind.CHOICE, "megc2019_3class", (_DATA,),
@@ -207,6 +206,8 @@ _PARAMS = [
     Param("fidelity", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
           "the authors' BatchNorm and layer4 choices (authors), the kit's (kit), or auto: authors on real data, "
           "kit on the synthetic set (README: Fidelity to the authors' code)", choices=FIDELITIES),
+    Param("trunk_seed", Kind.INT, 0, (_FEAT,), "seed of the trunk: its synthetic pre-training, or a random trunk's "
+          "weights (notebook 04's seeds seed the heads)", min=0),
     Param("pretrain_epochs", Kind.INT, 6, (_FEAT,), "epochs of the kit's synthetic macro-expression pre-training",
           min=1),
     Param("feature_batch_size", Kind.INT, 64, (_FEAT,), "images per batch when computing trunk features", min=1),
@@ -245,6 +246,7 @@ RENAMED = {
     "protocol": {_DATA: "label_protocol", _TRAIN: "epoch_selection"},
     "batch_size": {_FEAT: "feature_batch_size"},
     "factors": {_MAG: "sweep_factors"},
+    "seed": {_DATA: "data_seed", _FEAT: "trunk_seed"},
 }
 
 

@@ -171,7 +171,7 @@ def readme_batch_command(seed: int, rule: str) -> list[str]:
     """The run-notebooks arguments of README's batch example for one seed and epoch rule."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"for seed in .*?done; done", readme, re.S).group(0)
-    line = next(line for line in block.splitlines() if "run-notebooks" in line)
+    line = next(line for line in block.replace("\\\n", " ").splitlines() if "run-notebooks" in line)
     args = shlex.split(line.replace("$seed", str(seed)).replace("$rule", rule))
     return args[args.index("run-notebooks"):]
 

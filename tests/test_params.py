@@ -106,7 +106,8 @@ def test_the_library_defaults_are_the_schemas():
         "backbone": default(choose_backbone, "backbone"), "download_fer": default(choose_backbone, "download_fer"),
         "synthetic_subjects": synthetic.n_subjects, "synthetic_clips_per_subject": synthetic.clips_per_subject,
         "synthetic_regime": default(synthetic_config, "regime"), "dataset": sources.dataset,
-        "label_protocol": sources.label_protocol, "seed": sources.seed, "apex_method": default(fill_apex, "method"),
+        "label_protocol": sources.label_protocol, "data_seed": sources.seed,
+        "trunk_seed": default(choose_backbone, "seed"), "apex_method": default(fill_apex, "method"),
         "executor": default(make_executor, "executor"), "ray_address": default(make_executor, "ray_address"),
         "cpus_per_task": default(make_executor, "cpus_per_task"),
         "gpus_per_task": default(make_executor, "gpus_per_task")}
@@ -155,8 +156,7 @@ def test_schema_entries_are_typed_and_shared_names_are_shared():
     ("epochs", "abc", "epochs (04_training): expected an integer >= 1, got 'abc'"),
     ("epochs", True, "epochs (04_training): expected an integer >= 1, got True"),
     ("epochs", 2.0, "got 2.0"),
-    ("seed", -1, "seed (01_dataset_prep, 02_magnification, 03_feature_extraction): expected an "
-                 "integer >= 0, got -1"),
+    ("trunk_seed", -1, "trunk_seed (03_feature_extraction): expected an integer >= 0, got -1"),
     ("lr", 0, "lr (04_training): expected a finite number > 0, got 0"),
     ("lr", math.nan, "got nan"),
     ("lr", math.inf, "got inf"),
@@ -308,6 +308,9 @@ def test_unknown_and_old_names():
         params.validate({"protocol": "paper"}, params.NOTEBOOKS)
     assert str(e.value) == ("protocol: unknown parameter (got 'paper'); it was renamed: label_protocol in "
                             "01_dataset_prep, epoch_selection in 04_training ('paper' is a value of epoch_selection)")
+    with pytest.raises(ValueError, match="seed: unknown parameter \\(got 1\\); it was renamed: data_seed in "
+                                         "01_dataset_prep, trunk_seed in 03_feature_extraction"):
+        params.validate({"seed": 1}, params.NOTEBOOKS)  # it seeded two things; seeds (04) seeds the heads
     with pytest.raises(ValueError, match="epoch_count: unknown parameter \\(got 3\\); did you mean .*"
                                          "epochs \\(04_training\\)"):
         params.validate({"epoch_count": 3}, params.NOTEBOOKS)
@@ -331,10 +334,10 @@ def test_old_name_on_the_command_line_gets_the_suggestion(capsys, books, execute
 
 def test_a_parameter_of_a_notebook_left_out_is_dropped_with_a_note(books, executed, tmp_path):
     notes = []
-    run_notebooks({"epochs": 3, "seed": 1}, only="01", results_dir=tmp_path / "out", notebooks_dir=books,
+    run_notebooks({"epochs": 3, "data_seed": 1}, only="01", results_dir=tmp_path / "out", notebooks_dir=books,
                   log=notes.append)
     assert "note: epochs is read only by 04_training, which this run does not include: dropped" in notes
-    assert executed == [("01_dataset_prep", {"seed": 1, "results_dir": str(tmp_path / "out")})]
+    assert executed == [("01_dataset_prep", {"data_seed": 1, "results_dir": str(tmp_path / "out")})]
 
 
 # --- run_notebooks and the command line -------------------------------------------------------------------
