@@ -199,10 +199,10 @@ _PARAMS = [
                    "FER+ ResNet-18 of Emotion-FAN (Resnet18_FER+_pytorch.pth.tar)"),
     Param("download_fer", Kind.BOOL, True, (_FEAT,),
           "backbone auto: fetch (and verify) the paper's FER+ file into ~/.cache/amanlib when it is absent"),
-    Param("precision", Kind.CHOICE, "auto", (_FEAT,),
-          "compute dtype of the pre-training, the magnifier and the trunk: auto (bf16 where the device has it "
-          "natively, else fp32), fp32, bf16 (refused where it would be emulated) or bf16_emulated (bf16 anyway)",
-          choices=PRECISIONS),
+    Param("precision", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
+          "compute dtype of every stage (03: pre-training, magnifier, trunk; 04: the full model's training, the "
+          "frozen-layer4 head always fp32): auto (bf16 where the device has it natively, else fp32), fp32, bf16 "
+          "(refused where it would be emulated) or bf16_emulated (bf16 anyway)", choices=PRECISIONS),
     Param("fidelity", Kind.CHOICE, "auto", (_FEAT, _TRAIN),
           "the authors' BatchNorm and layer4 choices (authors), the kit's (kit), or auto: authors on real data, "
           "kit on the synthetic set (README: Fidelity to the authors' code)", choices=FIDELITIES),
@@ -222,7 +222,6 @@ _PARAMS = [
     Param("seeds", Kind.INTS, [0, 1, 2, 3, 4], (_TRAIN,), "training seeds: every variant is trained once per seed",
           min=0, rule=lambda v: len(set(v)) == len(v), rule_text="without repeats"),
     Param("ablations", Kind.BOOL, True, (_TRAIN,), "also train the ablation variants"),
-    Param("amp", Kind.BOOL, None, (_TRAIN,), "None: bf16/fp16 autocast on CUDA", none_ok=True),
     # 03 and 04: where the work runs
     Param("executor", Kind.CHOICE, "local", (_FEAT, _TRAIN),
           "local: this process; ray: Ray tasks (clips, folds, sweep chunks) on a local instance or ray_address",
@@ -247,6 +246,7 @@ RENAMED = {
     "batch_size": {_FEAT: "feature_batch_size"},
     "factors": {_MAG: "sweep_factors"},
     "seed": {_DATA: "data_seed", _FEAT: "trunk_seed"},
+    "amp": {_TRAIN: "precision"},
 }
 
 

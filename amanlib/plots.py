@@ -247,9 +247,10 @@ def mechanism_scatter(truth_px: np.ndarray, preferred: np.ndarray, result: dict,
     """Each clip's preferred factor (alpha-weighted) against its true peak displacement, rho in the title."""
     fig, ax = plt.subplots(figsize=(5, 3.8))
     ax.scatter(truth_px, preferred, s=12, alpha=0.7)
-    ax.set(xlabel="true peak displacement (px)", ylabel="preferred factor (alpha-weighted)",
-           title=f"{title}\nSpearman rho {result['spearman_r']:.2f} (95% CI {result['ci'][0]:.2f} to "
-                 f"{result['ci'][1]:.2f}, p {result['p_value']:.3g}, n {result['n']})")
+    said = (f"Spearman rho undefined: {result['undefined']}" if result.get("undefined") else
+            f"Spearman rho {result['spearman_r']:.2f} (95% CI {result['ci'][0]:.2f} to {result['ci'][1]:.2f}, "
+            f"p {result['p_value']:.3g}, n {result['n']})")
+    ax.set(xlabel="true peak displacement (px)", ylabel="preferred factor (alpha-weighted)", title=f"{title}\n{said}")
     fig.tight_layout()
     return fig
 

@@ -179,7 +179,8 @@ def regime_verdict(metrics: dict) -> str:
             f"{v.replace('single factor ', 'x')}" for b, v in by_motion["best_single_factor_by_bin"].items()))
     if metrics.get("mechanism"):
         m = metrics["mechanism"]
-        said.append(f"mechanism rho {m['spearman_r']:+.2f} [{m['ci'][0]:+.2f}, {m['ci'][1]:+.2f}]")
+        said.append(f"mechanism rho undefined ({m['undefined']})" if m.get("undefined") else
+                    f"mechanism rho {m['spearman_r']:+.2f} [{m['ci'][0]:+.2f}, {m['ci'][1]:+.2f}]")
     regime = metrics.get("synthetic_regime") or metrics["dataset"]
     return f"**{regime}** ({metrics['clips']} clips, {metrics['subjects']} subjects; UF1): " + "; ".join(said) + "."
 

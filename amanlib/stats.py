@@ -344,7 +344,12 @@ def mechanism_check(sweep, truth: pd.DataFrame | None, reference: str = "AMAN") 
         return None
     runs = [run for (variant, _), run in sweep.runs.items() if variant == reference]
     per_clip = mechanism_data(runs, truth)
-    return {**spearman_mechanism(per_clip["preferred_factor"], per_clip["peak_px"], clusters=per_clip["subject"]),
+    used = per_clip.dropna(subset=["preferred_factor", "peak_px"])
+    if len(used) < 3 or used["preferred_factor"].nunique() < 2 or used["peak_px"].nunique() < 2:
+        why = (f"{len(used)} clips with a preferred factor" if len(used) < 3 else "the preferred factor is the same "
+               "for every clip" if used["preferred_factor"].nunique() < 2 else "every clip has the same true motion")
+        return {"spearman_r": None, "ci": None, "p_value": None, "n": len(used), "undefined": why, **per_clip.attrs}
+    return {**spearman_mechanism(used["preferred_factor"], used["peak_px"], clusters=used["subject"]),
             **per_clip.attrs}
 
 
@@ -364,6 +369,8 @@ def too_few_subjects(n_subjects: int | None) -> str | None:
 
 def mechanism_text(result: dict, n_subjects: int | None = None) -> str:
     """What the rho says, in words; nothing is concluded from fewer than MIN_SUBJECTS subjects."""
+    if result.get("undefined"):
+        return f"Spearman's rho is undefined here ({result['undefined']}; n = {result['n']} clips)."
     rho, (lo, hi) = result["spearman_r"], result["ci"]
     skipped = result.get("frames_without_weight", 0)
     skipped = f", {skipped} frames without alpha weight skipped" if skipped else ""

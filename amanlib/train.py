@@ -28,7 +28,7 @@ from .features import FeatureCache, magnified_slots
 from .metrics import megc_scores, uar, uf1
 from .model import AMAN, LAYER4_BN, AMANHead
 from .results import LOSOResult
-from .runtime import autocast, progress_bar, resolve_device, torch_save_atomic
+from .runtime import autocast, progress_bar, resolve_device, resolve_precision, torch_save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -636,6 +636,13 @@ def ablation_variants(factors) -> list[Variant]:
         variants.append(Variant("no magnification", (factors.index(1.0),)))
     variants += [Variant(f"single factor {factors[k]:g}", (k,)) for k in magnified]
     return variants
+
+
+def training_amp(precision: str, device="auto", frozen_layer4: bool = False, **machine) -> bool:
+    """Whether training autocasts (TrainConfig.amp) under a precision setting (runtime.PRECISIONS, as notebook 03's
+    stages take it): the full model where it resolves to bf16 (runtime.resolve_precision; `machine` passes its
+    cpuinfo, env and capability), never the frozen-layer4 head, a few thousand weights that bf16 would only round."""
+    return not frozen_layer4 and resolve_precision(precision, resolve_device(device), **machine) is torch.bfloat16
 
 
 def resolve_frozen_layer4(frozen_layer4: bool | None, device="auto") -> bool:

@@ -100,7 +100,7 @@ def test_the_library_defaults_are_the_schemas():
     default = lambda fn, name: inspect.signature(fn).parameters[name].default  # noqa: E731
     train, pretrain, synthetic, sources = TrainConfig(), PretrainConfig(), SyntheticConfig(), Sources()
     library = {
-        "epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr, "amp": train.amp,
+        "epochs": train.epochs, "batch_size": train.batch_size, "lr": train.lr,
         "epoch_selection": train.epoch_selection, "device": train.device, "pretrain_epochs": pretrain.epochs,
         "precision": pretrain.precision, "feature_batch_size": default(build_feature_cache, "batch_size"),
         "backbone": default(choose_backbone, "backbone"), "download_fer": default(choose_backbone, "download_fer"),
@@ -193,11 +193,11 @@ def test_valid_values_pass_as_plain_numbers_and_lists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     out = params.validate({"lr": 1, "epochs": np.int64(3), "factors": (1, 2.5, 4), "device": "cuda:1",
-                           "frozen_layer4": None, "amp": False, "methods": ["phase", "lagrangian"], "clip": 0,
+                           "frozen_layer4": None, "precision": "fp32", "methods": ["phase", "lagrangian"], "clip": 0,
                            "magnifier": "lagrangian"},
                           params.NOTEBOOKS)
     assert out == {"lr": 1, "epochs": 3, "factors": [1, 2.5, 4], "device": "cuda:1", "frozen_layer4": None,
-                   "amp": False, "methods": ["phase", "lagrangian"], "clip": 0, "magnifier": "lagrangian"}
+                   "precision": "fp32", "methods": ["phase", "lagrangian"], "clip": 0, "magnifier": "lagrangian"}
     assert type(out["epochs"]) is int
 
 
@@ -286,7 +286,7 @@ def test_bf16_where_it_would_be_emulated_is_refused_before_any_work(monkeypatch,
                         lambda device, *a, **k: asked.append(str(device)) or ["no avx512_bf16/amx_bf16 flag"])
     with pytest.raises(ValueError) as e:
         params.validate({"precision": "bf16", "device": "cpu"}, params.NOTEBOOKS)
-    assert str(e.value) == ("precision (03_feature_extraction): bf16 is emulated on this CPU (no avx512_bf16/amx_bf16 "
+    assert str(e.value) == ("precision (03_feature_extraction, 04_training): bf16 is emulated on this CPU (no avx512_bf16/amx_bf16 "
                             "flag): measured 8.6x (an AVX2 CPU) to 14x (bench/precision.py, AVX2 simulated) slower "
                             "than fp32 for a ResNet-18 training step; use precision 'auto' or 'fp32', or "
                             "'bf16_emulated' to run it anyway")

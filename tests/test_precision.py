@@ -17,6 +17,7 @@ from amanlib.backbone import ResNet18Trunk, choose_backbone
 from amanlib.features import build_feature_cache, extract_features
 from amanlib.magnify import magnifier_for
 from amanlib.pretrain import PretrainConfig
+from amanlib.train import training_amp
 from amanlib.runtime import PRECISIONS, machine_info, native_bf16, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,8 @@ def test_precision_defaults_agree_everywhere():
     assert "precision" not in pinned and "precision" not in recipe and "$(PINNED)" in recipe
     cells = {nb: pm.inspect_notebook(str(REPO / "notebooks" / f"{nb}.ipynb")) for nb in params.NOTEBOOKS}
     declared = {nb: ast.literal_eval(c["precision"]["default"]) for nb, c in cells.items() if "precision" in c}
-    assert declared == {"03_feature_extraction": "auto"} == {nb: params.SCHEMA["precision"].default for nb in declared}
+    assert declared == {"03_feature_extraction": "auto", "04_training": "auto"} == \
+        {nb: params.SCHEMA["precision"].default for nb in declared}  # one setting for every stage
     assert PretrainConfig().precision == "auto"
     for function in (choose_backbone, build_feature_cache, magnifier_for):
         assert inspect.signature(function).parameters["precision"].default == "auto", function.__name__
@@ -127,3 +129,17 @@ def test_bf16_trunk_features_stay_close_to_fp32():
     bf16 = extract_features(images, trunk, device="cpu", progress=False, autocast_dtype=torch.bfloat16)
     relative = ((bf16 - fp32).norm() / fp32.norm()).item()
     assert bf16.dtype == torch.float32 and 0 < relative < 0.02, relative  # measured 0.008 (random weights, 96 px)
+
+
+def test_training_follows_the_one_precision_setting(cpuinfo):
+    """Notebook 04 trains under notebook 03's precision setting: the full model autocasts where it resolves to bf16
+    (native only, unless bf16_emulated), the frozen-layer4 head never does."""
+    with_bf16, without = cpuinfo
+    native = {"cpuinfo": with_bf16, "env": {}, "capability": "AVX512"}
+    plain = {"cpuinfo": without, "env": {}, "capability": "AVX2"}
+    assert training_amp("auto", "cpu", False, **native) and not training_amp("auto", "cpu", False, **plain)
+    assert not training_amp("auto", "cpu", True, **native)  # the frozen head trains in fp32
+    assert not training_amp("fp32", "cpu", False, **native)
+    assert training_amp("bf16_emulated", "cpu", False, **plain)
+    with pytest.raises(ValueError, match="bf16 is emulated on this CPU"):
+        training_amp("bf16", "cpu", False, **plain)

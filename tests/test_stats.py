@@ -222,3 +222,23 @@ def test_mechanism_skips_and_counts_frames_without_alpha_weight():
     result = mechanism_check(SimpleNamespace(runs={("AMAN", 0): run}), truth)
     assert result["n"] == n - 1 and result["frames_without_weight"] == 3 and result["clips_without_weight"] == 1
     assert "3 frames without alpha weight skipped" in stats.mechanism_text(result, 8)
+
+
+def test_a_mechanism_without_spread_is_undefined_not_an_error():
+    """A tiny or one-epoch run can prefer one factor for every clip: rho is then undefined, which the check, its text,
+    and the figure say, instead of stopping notebook 04 after training."""
+    from types import SimpleNamespace
+    from amanlib import plots
+    from amanlib.stats import mechanism_check
+    truth = pd.DataFrame({"subject": ["s0", "s1", "s2"], "clip": ["c0", "c1", "c2"], "peak_px": [0.5, 1.0, 2.0]})
+    alpha = np.tile([0.2, 0.9], (3, 1, 1))  # every clip prefers the same factor
+    run = SimpleNamespace(predictions=truth[["subject", "clip"]].assign(alpha=list(alpha)), config={"factors": [2, 8]})
+    result = mechanism_check(SimpleNamespace(runs={("AMAN", 0): run}), truth)
+    assert result["spearman_r"] is None and result["n"] == 3
+    assert result["undefined"] == "the preferred factor is the same for every clip"
+    assert stats.mechanism_text(result, 3) == ("Spearman's rho is undefined here (the preferred factor is the same for "
+                                               "every clip; n = 3 clips).")
+    fig = plots.mechanism_scatter(truth["peak_px"], [6.6] * 3, result, "tiny")
+    assert "undefined" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="non-constant"):  # the statistic itself still refuses such data
+        stats.spearman_mechanism(pd.Series([6.6] * 3, index=truth["clip"]), truth.set_index("clip")["peak_px"])
