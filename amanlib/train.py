@@ -28,7 +28,8 @@ from .features import FeatureCache, magnified_slots
 from .metrics import megc_scores, uar, uf1
 from .model import AMAN, LAYER4_BN, AMANHead
 from .results import LOSOResult
-from .runtime import autocast, progress_bar, resolve_device, resolve_precision, torch_save_atomic
+from .runtime import (autocast, native_bf16, progress_bar, resolve_device, resolve_precision,
+                      torch_save_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -424,13 +425,18 @@ def trunk_dtype(features) -> torch.dtype | None:
 
 
 def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress: bool = True):
-    """With frozen_layer4, the pooled features (layer4 in the trunk's compute dtype), cached under runs_dir/pooled
+    """With frozen_layer4, the pooled features (layer4 in the trunk's compute dtype, fp32 where bf16 is not native
+    here, e.g. a results folder made on another machine), cached under runs_dir/pooled
     by the features' key, the layer4 weights and that dtype; else the features as they are (a tensor or array
     comes back as Keyed, by its bytes)."""
     tensor, key, factors = unpack_features(features)
     if not (cfg.frozen_layer4 and tensor.dim() == 6):  # keyed once: the caller need not hash the bytes again
         return features if isinstance(features, (FeatureCache, Keyed)) else Keyed(tensor, key, factors)
     layer4, dtype = _layer4_weights(cfg.init_layer4_from, cfg.seed), trunk_dtype(features)
+    if dtype is not None and not native_bf16(resolve_device(cfg.device)):
+        log.warning("these features were made in bf16, which %s would emulate (several times slower than fp32): "
+                    "frozen layer4 pools them in fp32 here", resolve_device(cfg.device))
+        dtype = None
     entry = Entry(Path(runs_dir) / "pooled", {"features": key, "layer4": layer4, "dtype": str(dtype)},
                   "pooled features")
     if not entry.done:
