@@ -125,11 +125,13 @@ def test_random_layer4_is_drawn_from_the_seed(tmp_path):
 
 
 def test_pooled_features_follow_the_trunks_dtype(tmp_path, monkeypatch):
-    """Features made by a bf16 trunk are pooled by layer4 in bf16 too, under a key of their own."""
+    """Features made by a bf16 trunk are pooled by layer4 in bf16 too where bf16 is native (elsewhere in fp32:
+    tests/test_cache_integrity.py), under a key of their own."""
     x = torch.randn(4, 1, 2, 256, 14, 14)
     cfg = TrainConfig(**FAST, frozen_layer4=True)
     fp32 = train.prepare_features(x, cfg, tmp_path, progress=False)
     monkeypatch.setattr(train, "trunk_dtype", lambda features: torch.bfloat16)
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)  # as on the machine that made them
     bf16 = train.prepare_features(x, cfg, tmp_path, progress=False)
     assert bf16.key != fp32.key and bf16.features.dtype == torch.float32
     error = (bf16.features - fp32.features).norm() / fp32.features.norm()
