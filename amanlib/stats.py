@@ -256,9 +256,19 @@ def _mechanism_inputs(preferred: pd.Series, truth: pd.Series,
     if nans:
         raise ValueError(f"spearman_mechanism: {sum(nans.values())} NaN values ({nans}); drop those clips first")
     x, y = preferred.to_numpy(float), truth.to_numpy(float)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if _without_spread(x, y):
         raise ValueError(f"spearman_mechanism: needs at least 3 clips and non-constant values (n={len(x)})")
     return x, y, pd.factorize(clusters)[0]
+
+
+def _without_spread(preferred, truth) -> str | None:
+    """Why Spearman's rho of these values is undefined (fewer than 3 clips, or one side constant), or None."""
+    preferred, truth = np.asarray(preferred, float), np.asarray(truth, float)
+    if len(preferred) < 3:
+        return f"{len(preferred)} clips with a preferred factor"
+    if np.ptp(preferred) == 0:
+        return "the preferred factor is the same for every clip"
+    return "every clip has the same true motion" if np.ptp(truth) == 0 else None
 
 
 def _weighted_ranks(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -344,12 +354,11 @@ def mechanism_check(sweep, truth: pd.DataFrame | None, reference: str = "AMAN") 
         return None
     runs = [run for (variant, _), run in sweep.runs.items() if variant == reference]
     per_clip = mechanism_data(runs, truth)
-    used = per_clip.dropna(subset=["preferred_factor", "peak_px"])
-    if len(used) < 3 or used["preferred_factor"].nunique() < 2 or used["peak_px"].nunique() < 2:
-        why = (f"{len(used)} clips with a preferred factor" if len(used) < 3 else "the preferred factor is the same "
-               "for every clip" if used["preferred_factor"].nunique() < 2 else "every clip has the same true motion")
-        return {"spearman_r": None, "ci": None, "p_value": None, "n": len(used), "undefined": why, **per_clip.attrs}
-    return {**spearman_mechanism(used["preferred_factor"], used["peak_px"], clusters=used["subject"]),
+    why = _without_spread(per_clip["preferred_factor"], per_clip["peak_px"])
+    if why:
+        return {"spearman_r": None, "ci": None, "p_value": None, "n": len(per_clip), "undefined": why,
+                **per_clip.attrs}
+    return {**spearman_mechanism(per_clip["preferred_factor"], per_clip["peak_px"], clusters=per_clip["subject"]),
             **per_clip.attrs}
 
 

@@ -433,17 +433,18 @@ def prepare_features(features, cfg: TrainConfig, runs_dir: str | Path, progress:
     if not (cfg.frozen_layer4 and tensor.dim() == 6):  # keyed once: the caller need not hash the bytes again
         return features if isinstance(features, (FeatureCache, Keyed)) else Keyed(tensor, key, factors)
     layer4, dtype = _layer4_weights(cfg.init_layer4_from, cfg.seed), trunk_dtype(features)
-    if dtype is not None and not native_bf16(resolve_device(cfg.device)):
+    device = resolve_device(cfg.device)
+    if dtype is not None and not native_bf16(device):
         log.warning("these features were made in bf16, which %s would emulate (several times slower than fp32): "
-                    "frozen layer4 pools them in fp32 here", resolve_device(cfg.device))
+                    "frozen layer4 pools them in fp32 here", device)
         dtype = None
     entry = Entry(Path(runs_dir) / "pooled", {"features": key, "layer4": layer4, "dtype": str(dtype)},
                   "pooled features")
     if not entry.done:
         with entry.writing():
             if not entry.done:
-                pooled = pool_features(tensor, cfg.init_layer4_from, resolve_device(cfg.device), progress=progress,
-                                       seed=cfg.seed, autocast_dtype=dtype)
+                pooled = pool_features(tensor, cfg.init_layer4_from, device, progress=progress, seed=cfg.seed,
+                                       autocast_dtype=dtype)
                 clips = features.clips if isinstance(features, FeatureCache) else None
                 check_finite(pooled, clips, repair_advice(features), "pooled features")
                 torch_save_atomic(pooled, entry.path / "pooled.pt")
