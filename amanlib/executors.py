@@ -69,29 +69,36 @@ RAY_INSTALL_HINT = "executor='ray' needs the ray package: pip install -e '.[ray]
 def make_executor(executor: str = "local", ray_address: str | None = None, cpus_per_task: float = 1,
                   gpus_per_task: float = 0, max_retries: int = 3) -> Executor:
     """An executor by name, every argument checked before Ray is imported or started."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    _check_resource("cpus_per_task", cpus_per_task, positive=True)
-    _check_resource("gpus_per_task", gpus_per_task, positive=False)
+    problems = setting_problems(executor, ray_address, cpus_per_task, gpus_per_task)
+    if problems:
+        raise ValueError("; ".join(f"{name}: {text}" for name, text in problems))
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
     if executor == "local":
-        if ray_address is not None:
-            raise ValueError(f"ray_address={ray_address!r} is only used with executor='ray'")
         return LocalExecutor()
     address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS") or None
     endpoint = _parse_address(address)
     return RayExecutor(address, endpoint, cpus_per_task, gpus_per_task, max_retries)
 
 
-def _check_resource(name: str, value, positive: bool) -> None:
-    """A per-task resource amount as Ray accepts it: a number >= 0 (> 0 for CPUs), whole when above 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    if value > 1 and value != int(value):
-        raise ValueError(f"{name} must be a whole number when above 1 (fractions only below 1), got {value!r}")
+def setting_problems(executor: str = "local", ray_address: str | None = None, cpus_per_task: float = 1,
+                     gpus_per_task: float = 0) -> list[tuple[str, str]]:
+    """The rules of the executor settings, here once for make_executor and the notebook parameters check:
+    (setting, what is wrong) for each one broken. A per-task resource is a number >= 0 (> 0 for CPUs), whole
+    when above 1, as Ray accepts it."""
+    problems = []
+    if executor not in EXECUTORS:
+        problems.append(("executor", f"must be one of {EXECUTORS}, got {executor!r}"))
+    for name, value, positive in (("cpus_per_task", cpus_per_task, True), ("gpus_per_task", gpus_per_task, False)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append((name, f"must be a number, got {value!r}"))
+        elif value < 0 or (positive and value == 0):
+            problems.append((name, f"must be {'> 0' if positive else '>= 0'}, got {value!r}"))
+        elif value > 1 and value != int(value):
+            problems.append((name, f"must be a whole number when above 1 (fractions only below 1), got {value!r}"))
+    if executor == "local" and ray_address is not None:
+        problems.append(("ray_address", f"{ray_address!r} is only used with executor 'ray'"))
+    return problems
 
 
 @contextmanager

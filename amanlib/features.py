@@ -54,7 +54,7 @@ def extract_features(images: torch.Tensor, trunk: nn.Module, batch_size: int = 6
         batch = preprocess(chunk.flatten(0, chunk.dim() - 4)).view(*chunk.shape[:-3], 3, 224, 224)
         if batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device, autocast_dtype is not None, autocast_dtype):
+        with autocast(device, autocast_dtype):
             out.append(trunk(batch).to("cpu", dtype))
     return torch.cat(out) if out else torch.empty(0, *images.shape[1:-3], 256, 14, 14, dtype=dtype)
 

@@ -55,7 +55,7 @@ DIFFERENCES = [  # what, the authors' file, the kit's option, the authors' behav
     ("layer4's start", "`main/train.py`", "`fidelity` (04) / `TrainConfig.layer4_init`",
      "random (`model_directory` is never read)", "`authors`: random; `kit`: the trunk checkpoint's layer4"),
     ("layer4 trains", "`main/train.py`", "`frozen_layer4`", "always",
-     "None: frozen (pre-trained, pooled once) on a CPU, trained on a GPU"),
+     "auto: frozen (pre-trained, pooled once) on a CPU, trained on a GPU"),
     ("Epoch whose predictions count", "`main/train.py`", "`epoch_selection`",
      "first epoch with the best test-subject accuracy; stop at 100%; the last epoch if never right",
      "`fixed` (last epoch, honest); `paper` is theirs to the letter, reported as optimistic"),

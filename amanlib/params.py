@@ -8,6 +8,7 @@ parameters cells). Every problem is reported as "name (notebooks): expected ...,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import enum
 import importlib.util
@@ -25,13 +26,13 @@ import torch
 
 from .backbone import BACKBONES
 from .data.frames import ApexMethod
-from .data.sources import DATASETS, LABEL_PROTOCOLS, NEEDS as DATASET_NEEDS
+from .data.sources import DATASETS, LABEL_PROTOCOLS, source_problems
 from .data.synthetic import REGIMES
-from .executors import EXECUTORS
+from .executors import EXECUTORS, setting_problems
 from .fidelity import FIDELITIES, PRESETS, preset_name
 from .magnify import METHODS as MAGNIFIERS
 from .runtime import PRECISIONS, device_available, mps_available, resolve_precision
-from .train import EPOCH_SELECTIONS
+from .train import EPOCH_SELECTIONS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _describe_kind(p: Param) -> str:
     if p.kind is Kind.FLOAT:
         return f"a finite number{_bound(p)}"
     if p.kind is Kind.BOOL:
-        return "true or false"
+        return f"true, false or {_alternatives(p.choices)}" if p.choices else "true or false"
     if p.kind is Kind.CHOICE:
         return f"one of {_alternatives(p.choices)}"
     if p.kind is Kind.FLOATS:
@@ -124,6 +125,14 @@ def _describe_kind(p: Param) -> str:
 def _factors_magnify(factors) -> bool:
     """None, or factors without repeats of which at least 2 magnify (with one, AMAN is that single factor)."""
     return factors is None or (len(set(factors)) == len(factors) and sum(f != 1 for f in factors) >= 2)
+
+
+def _training(name: str, help: str) -> Param:
+    """A notebook-04 parameter that is a TrainConfig field: its default and range are the field's."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    kind = Kind.INT if f.type == "int" else Kind.FLOAT
+    return Param(name, kind, f.default, (_TRAIN,), help, min=f.metadata["min"],
+                 min_exclusive=f.metadata.get("exclusive", False))
 
 
 def _optional_path(name: str, role: PathRole, notebooks: tuple[str, ...], help: str, **kw) -> Param:
@@ -215,10 +224,11 @@ _PARAMS = [
     Param("epoch_selection", Kind.CHOICE, "fixed", (_TRAIN,),
           "which epoch counts: fixed (the last), inner_val, paper (best on the test subject: optimistic)",
           choices=EPOCH_SELECTIONS),
-    Param("epochs", Kind.INT, 50, (_TRAIN,), "training epochs per fold", min=1),
-    Param("batch_size", Kind.INT, 4, (_TRAIN,), "clips per training step", min=1),
-    Param("lr", Kind.FLOAT, 1e-3, (_TRAIN,), "RMSprop learning rate", min=0, min_exclusive=True),
-    Param("frozen_layer4", Kind.BOOL, None, (_TRAIN,), "None: frozen on CPU, full model on GPU", none_ok=True),
+    _training("epochs", "training epochs per fold"),
+    _training("batch_size", "clips per training step"),
+    _training("lr", "RMSprop learning rate"),
+    Param("frozen_layer4", Kind.BOOL, "auto", (_TRAIN,), "true: layer4 pre-trained and frozen (the CPU fast path); "
+          "auto: frozen on a CPU, the full model on an accelerator", choices=("auto",)),
     Param("seeds", Kind.INTS, [0, 1, 2, 3, 4], (_TRAIN,), "training seeds: every variant is trained once per seed",
           min=0, rule=lambda v: len(set(v)) == len(v), rule_text="without repeats"),
     Param("ablations", Kind.BOOL, True, (_TRAIN,), "also train the ablation variants"),
@@ -238,6 +248,7 @@ _PARAMS = [
                    "folder of other methods' MEGC2019 logs (*.txt) to score"),
 ]
 SCHEMA: dict[str, Param] = {p.name: p for p in _PARAMS}
+EXECUTOR_SETTINGS = ("executor", "ray_address", "cpus_per_task", "gpus_per_task")
 
 # Old names: {old: {notebook: new name there}}. An old name no notebook declares any more is an error that
 # names its successors; one still declared elsewhere (batch_size in 04, factors in 03) is noted.
@@ -271,7 +282,8 @@ _TYPES = {Kind.INT: "int", Kind.FLOAT: "float", Kind.BOOL: "bool", Kind.STR: "st
 def annotation(p: Param) -> str:
     """A parameter's type as its notebook cell annotates it (papermill --help-notebook shows it); an optional one
     quoted, so the cell needs no import and papermill still reads it."""
-    return f'"Optional[{_TYPES[p.kind]}]"' if p.none_ok else _TYPES[p.kind]
+    kind = '"Union[bool, str]"' if p.kind is Kind.BOOL and p.choices else _TYPES[p.kind]
+    return f'"Optional[{_TYPES[p.kind]}]"' if p.none_ok else kind
 
 
 def _literal(value) -> str:
@@ -384,7 +396,7 @@ def _convert(p: Param, v, flags: Mapping[str, Any]):
     elif p.kind is Kind.FLOAT:
         out = _number(v, p)
     elif p.kind is Kind.BOOL:
-        if not isinstance(v, bool):
+        if not isinstance(v, bool) and not (isinstance(v, str) and v in p.choices):
             raise _Invalid
         out = v
     elif p.kind in (Kind.STR, Kind.CHOICE):
@@ -454,21 +466,15 @@ def _cross_checks(effective: Mapping[str, Any], readers: Mapping[str, list[str]]
         return _where(readers[name], selected)
 
     dataset = effective.get("dataset")
-    needs = DATASET_NEEDS.get(dataset, ())
-    if needs:
-        missing = [n for n in needs if n in effective and effective[n] is None]  # an invalid one is reported already
-        if missing:
-            problems.append(f"dataset ({where('dataset')}): {dataset!r} needs {', '.join(needs)}; "
-                            f"not given: {', '.join(missing)}")
-    if dataset == "composite" and effective.get("label_protocol", "megc2019_3class") != "megc2019_3class":
-        problems.append(f"label_protocol ({where('label_protocol')}): dataset 'composite' needs 'megc2019_3class', "
-                        f"got {effective['label_protocol']!r}")
+    if dataset in DATASETS:
+        for name, text in source_problems(dataset, effective.get("label_protocol", "megc2019_3class"), effective):
+            problems.append(f"{name} ({where(name)}): {text}")
     if effective.get("backbone") == "fer" and "fer_checkpoint" in effective and effective["fer_checkpoint"] is None:
         problems.append(f"backbone ({where('backbone')}): 'fer' needs fer_checkpoint (the FER+ ResNet-18 file), "
                         "which is not given")
-    if effective.get("executor") == "local" and effective.get("ray_address") is not None:
-        problems.append(f"ray_address ({where('ray_address')}): {effective['ray_address']!r} is only used with "
-                        "executor 'ray'")
+    given = {name: effective[name] for name in EXECUTOR_SETTINGS if name in effective}
+    for name, text in setting_problems(**given):  # a value that failed its own check is absent: not judged twice
+        problems.append(f"{name} ({where(name)}): {text}")
     if effective.get("executor") == "ray" and importlib.util.find_spec("ray") is None:
         problems.append(f"executor ({where('executor')}): 'ray' needs the ray package: pip install -e '.[ray]'")
     device = effective.get("device")

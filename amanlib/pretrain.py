@@ -90,7 +90,7 @@ def _train(macro: pd.DataFrame, out_path: Path, cfg: PretrainConfig, progress: b
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             x = augment(images[idx]).to(device, memory_format=torch.channels_last)
-            with autocast(device, dtype is not None, dtype):
+            with autocast(device, dtype):
                 loss = torch.nn.functional.cross_entropy(net(x).float(), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

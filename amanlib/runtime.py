@@ -169,12 +169,10 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None):
-    """Mixed precision on any device: bf16 on CPU (the stand-in for CUDA in tests), fp16/bf16 on CUDA."""
-    if not enabled:
-        return contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on any device (bf16 on CPU, the stand-in for CUDA in tests); None: plain fp32."""
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -13,7 +13,7 @@ import inspect
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from .features import FeatureCache, magnified_slots
 from .metrics import megc_scores, uar, uf1
 from .model import AMAN, LAYER4_BN, AMANHead
 from .results import LOSOResult
-from .runtime import (autocast, native_bf16, progress_bar, resolve_device, resolve_precision,
+from .runtime import (PRECISIONS, autocast, native_bf16, progress_bar, resolve_device, resolve_precision,
                       torch_save_atomic)
 
 log = logging.getLogger(__name__)
@@ -40,26 +40,33 @@ LAYER4_INITS = ("random", "backbone")
 INDEX_COLUMNS = ("dataset", "subject", "clip", "label")
 
 
+def range_text(f: dataclasses.Field) -> str:
+    """A bounded field's range in words: "an integer >= 1", "a finite number > 0"."""
+    kind = "an integer" if f.type == "int" else "a finite number"
+    return f"{kind} {'>' if f.metadata.get('exclusive') else '>='} {f.metadata['min']:g}"
+
+
 @dataclass
 class TrainConfig:
-    """Defaults are the authors' (main/train.py): RMSprop 1e-3, StepLR(30, 0.2), 50 epochs, batch 4."""
+    """Defaults are the authors' (main/train.py): RMSprop 1e-3, StepLR(30, 0.2), 50 epochs, batch 4. frozen_layer4
+    'auto' is resolved here: frozen on a CPU, the full model on an accelerator."""
 
-    lr: float = 1e-3
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    step_size: int = 30
-    gamma: float = 0.2
+    lr: float = field(default=1e-3, metadata={"min": 0, "exclusive": True})
+    eps: float = field(default=1e-8, metadata={"min": 0})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0})
+    step_size: int = field(default=30, metadata={"min": 1})
+    gamma: float = field(default=0.2, metadata={"min": 0})
     optimizer: str = "rmsprop"  # rmsprop (the authors') | adamw; lr, eps and weight_decay apply to either
     schedule: str = "step"  # step: StepLR(step_size, gamma), the authors' | cosine: CosineAnnealingLR over the epochs
-    epochs: int = 50
-    batch_size: int = 4
+    epochs: int = field(default=50, metadata={"min": 1})
+    batch_size: int = field(default=4, metadata={"min": 1})
     seed: int = 0
     device: str = "auto"
-    amp: bool | None = None  # None: on for CUDA (bf16 where supported, else fp16), off on CPU
+    precision: str = "auto"  # runtime.PRECISIONS, of the full model's training; the frozen-layer4 head is always fp32
     channels_last: bool = True
     num_workers: int = 0  # CPU threads for torch (0 keeps torch's default); batches need no loader workers
     epoch_selection: str = "fixed"  # fixed: last epoch | inner_val: one training subject picks it | paper
-    frozen_layer4: bool = False  # CPU fast path: layer4 pre-trained and frozen, pooled features computed once
+    frozen_layer4: bool | str = False  # True: the CPU fast path (layer4 pre-trained, frozen, pooled once) | "auto"
     layer4_bn: str = "per_slice"  # per_slice: BatchNorm statistics per (frame, factor), as the authors | joint
     layer4_init: str = "random"  # random: as the authors' train.py | backbone: from init_layer4_from
     init_layer4_from: str | None = None  # ResNet-18 checkpoint (FER+ or the kit's own), with layer4_init backbone
@@ -72,16 +79,19 @@ class TrainConfig:
         if self.epoch_selection not in EPOCH_SELECTIONS:
             raise ValueError(f"TrainConfig.epoch_selection must be one of {EPOCH_SELECTIONS}, "
                              f"got {self.epoch_selection!r}")
-        for name in ("epochs", "batch_size", "step_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("lr", "eps", "weight_decay", "gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
-                    or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"TrainConfig.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
-                                 f"got {value!r}")
+        for f in dataclasses.fields(self):  # the ranges, declared once in the fields (params.py reads them too)
+            if "min" in f.metadata:
+                value, bound = getattr(self, f.name), range_text(f)
+                number = (int, np.integer) if f.type == "int" else (int, float)
+                if isinstance(value, bool) or not isinstance(value, number) or not np.isfinite(value) \
+                        or value < f.metadata["min"] or (f.metadata.get("exclusive") and value == f.metadata["min"]):
+                    raise ValueError(f"TrainConfig.{f.name} must be {bound}, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.frozen_layer4 == "auto":
+            self.frozen_layer4 = resolve_device(self.device).type == "cpu"
+        elif not isinstance(self.frozen_layer4, bool):
+            raise ValueError(f"TrainConfig.frozen_layer4 must be True, False or 'auto', got {self.frozen_layer4!r}")
         for name, allowed in (("layer4_bn", LAYER4_BN), ("layer4_init", LAYER4_INITS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
@@ -220,9 +230,7 @@ class _Fold:
         self.generator = torch.Generator().manual_seed(seed)
         self.model = make_model(head, cfg, num_classes, features.shape, seed, device)
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
-        self.amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-        fp16 = self.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.dtype = None if self.pooled else training_dtype(cfg, device)  # a head on pooled features: fp32
         self.criterion = make_loss()
 
     def batch(self, rows: torch.Tensor) -> torch.Tensor:
@@ -232,7 +240,7 @@ class _Fold:
         return (x.to(self.device, torch.float32, non_blocking=True) - self.shift) / self.scale
 
     def logits(self, x: torch.Tensor):
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.dtype):
             return self.model(x) if self.pooled else self.model(x, return_attention=True)
 
     def train_epoch(self, rows: np.ndarray) -> tuple[float, float]:
@@ -245,9 +253,8 @@ class _Fold:
             logits = self.logits(self.batch(idx))[0].float()
             loss = self.criterion(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            loss.backward()
+            self.optimizer.step()
             total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
         self.scheduler.step()
@@ -413,7 +420,7 @@ def pool_features(features: torch.Tensor, layer4_from: str | Path | None, device
     else:
         log.warning("frozen layer4 with RANDOM weights (seed %d): no init_layer4_from checkpoint was given", seed)
     starts = progress_bar(range(0, len(features), chunk), desc="layer4 (frozen)", disable=not progress, leave=False)
-    with autocast(device, autocast_dtype is not None, autocast_dtype):
+    with autocast(device, autocast_dtype):
         out = [model.pool(features[s:s + chunk].to(device, torch.float32)).float().cpu() for s in starts]
     return torch.cat(out)
 
@@ -497,6 +504,7 @@ def run_inputs(features_key: str, index: pd.DataFrame, cfg: TrainConfig, head=No
     record = dataclasses.asdict(cfg)
     for name in ("device", "num_workers"):  # where it runs, not what it computes
         record.pop(name)
+    record["precision"] = str(training_dtype(cfg) or torch.float32)  # as resolved on this machine
     record["init_layer4_from"] = _layer4_weights(cfg.init_layer4_from, cfg.seed) if cfg.init_layer4_from else None
     rows = index[list(INDEX_COLUMNS)].astype(str).agg("/".join, axis=1).tolist()
     return {"features": features_key, "index": rows, "config": record, "head": head_key(head), "engine": ENGINE}
@@ -645,16 +653,13 @@ def ablation_variants(factors) -> list[Variant]:
     return variants
 
 
-def training_amp(precision: str, device="auto", frozen_layer4: bool = False, **machine) -> bool:
-    """Whether training autocasts (TrainConfig.amp) under a precision setting (runtime.PRECISIONS, as notebook 03's
-    stages take it): the full model where it resolves to bf16 (runtime.resolve_precision; `machine` passes its
-    cpuinfo, env and capability), never the frozen-layer4 head, a few thousand weights that bf16 would only round."""
-    return not frozen_layer4 and resolve_precision(precision, resolve_device(device), **machine) is torch.bfloat16
-
-
-def resolve_frozen_layer4(frozen_layer4: bool | None, device="auto") -> bool:
-    """None picks the frozen-layer4 fast path on a CPU and the full model on an accelerator."""
-    return resolve_device(device).type == "cpu" if frozen_layer4 is None else bool(frozen_layer4)
+def training_dtype(cfg: TrainConfig, device=None, **machine) -> torch.dtype | None:
+    """The autocast dtype of training (None: fp32): cfg.precision resolved on the device (runtime.resolve_precision;
+    `machine` passes its cpuinfo, env and capability) for the full model; never bf16 for the frozen-layer4 head, a
+    few thousand weights that bf16 would only round."""
+    if cfg.frozen_layer4:
+        return None
+    return resolve_precision(cfg.precision, resolve_device(device if device is not None else cfg.device), **machine)
 
 
 def model_name(cfg: TrainConfig) -> str:

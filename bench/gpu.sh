@@ -226,7 +226,7 @@ if [[ $MODE == dry ]]; then
   FULL=(--only 04 -p fidelity authors -p epochs 1 -p frozen_layer4 false -p seeds '[0]' -p ablations false)
   CHECKS=(--tiny)
 else
-  FULL=(-p backbone synthetic_macro)  # as `make reproduce` pins it; precision auto, frozen_layer4 None: full model
+  FULL=(-p backbone synthetic_macro)  # as `make reproduce` pins it; precision auto, frozen_layer4 auto: full model
   CHECKS=()
 fi
 RUN=("$PY" "$REPO/bench/gpu_run.py" run-notebooks)

@@ -138,7 +138,7 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
         dict(n_subjects=6, per_subject=8, F=2, K=3, C=256, size=14)
     epochs = 1 if tiny else 4
     index, x = toy_problem(**shape)
-    cfg = TrainConfig(epochs=epochs, step_size=max(1, epochs // 2), batch_size=4, device="cpu", amp=False, seed=0)
+    cfg = TrainConfig(epochs=epochs, step_size=max(1, epochs // 2), batch_size=4, device="cpu", precision="fp32", seed=0)
     before = strict_fp32(True)
     t0 = time.perf_counter()
     try:
@@ -151,7 +151,7 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
         logits_gpu, params_gpu = one_fold(cfg, x, index, device, epochs)
     finally:
         restore(before)
-    bf16 = run_loso(x, index, cfg=dataclasses.replace(cfg, device=device, amp=True), runs_dir=work / "gpu_bf16",
+    bf16 = run_loso(x, index, cfg=dataclasses.replace(cfg, device=device, precision="bf16"), runs_dir=work / "gpu_bf16",
                     progress=False)
     fp32_vs_cpu = compare_runs(gpu, cpu)
     fp32_vs_cpu.update(max_logit_diff=float((logits_gpu - logits_cpu).abs().max()),
@@ -235,7 +235,7 @@ def trunk_speed(device: torch.device, batches, size: int, repeats: int, peak: fl
 
 
 def train_step_speed(device: torch.device, shapes, clips: int, repeats: int, peak: float, layer4_train: float):
-    """The engine's full-model training step (amanlib.train._Fold.train_epoch, amp as on the device) on features
+    """The engine's full-model training step (amanlib.train._Fold.train_epoch, precision auto) on features
     [clips, F, K, 256, 14, 14]: images = (frame, factor) slices through layer4, forward + backward."""
     labels = torch.randint(0, 3, (clips,), generator=torch.Generator().manual_seed(0))
     rows = []
@@ -248,7 +248,7 @@ def train_step_speed(device: torch.device, shapes, clips: int, repeats: int, pea
         steps = math.ceil(clips / batch)
         slices = clips * F * K
         rows.append({"stage": "full-model training step", "frames": F, "factors": K, "batch": batch,
-                     "amp": fold.amp, "step_ms": 1e3 * seconds / steps,
+                     "dtype": str(fold.dtype or torch.float32), "step_ms": 1e3 * seconds / steps,
                      **rate(slices, seconds, slices * layer4_train, peak)})
         del fold, x
     return rows

@@ -117,7 +117,7 @@ def pretrain_workload(args):
 
         def step(net=net, opt=opt, dtype=dtype):
             x = augment(images).to(device, memory_format=torch.channels_last)
-            with autocast(device, dtype is not None, dtype):
+            with autocast(device, dtype):
                 loss = F.cross_entropy(net(x).float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()

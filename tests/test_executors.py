@@ -310,3 +310,21 @@ def test_a_local_ray_that_cannot_start_names_the_way_on(monkeypatch):
     with pytest.raises(ConnectionError, match=r"local Ray instance could not start \(The current node timed out "
                                               r"during startup\); run with executor 'local'"):
         make_executor("ray")
+
+
+@pytest.mark.parametrize("settings", [
+    {"executor": "local", "ray_address": "auto"}, {"executor": "local", "cpus_per_task": 0.5},
+    {"cpus_per_task": 1.5}, {"cpus_per_task": 2}, {"cpus_per_task": 0.25}, {"gpus_per_task": 1.5},
+    {"gpus_per_task": 0}, {"gpus_per_task": 0.5}])
+def test_the_parameters_check_and_make_executor_share_the_rules(settings):
+    """One rule set (executors.setting_problems): notebook parameters are refused exactly where make_executor
+    would refuse them, before any notebook starts."""
+    from amanlib import params
+    library = executors.setting_problems(**settings)
+    try:
+        params.validate(settings, params.NOTEBOOKS)
+        refused = []
+    except ValueError as e:
+        refused = [name for name, _ in library if f"{name} (" in str(e)]
+        assert refused, str(e)
+    assert [name for name, _ in library] == refused

@@ -87,7 +87,8 @@ def test_the_parameters_cells_are_the_schema_rendered(notebook):
 
 def test_the_library_defaults_are_the_schemas():
     """A notebook run and a library call with no arguments compute the same thing: each library default a
-    parameter feeds equals the parameter's default (frozen_layer4's None is resolved by resolve_frozen_layer4)."""
+    parameter feeds equals the parameter's default (but frozen_layer4: the library's False is the authors' model,
+    the notebooks' 'auto' picks the fast path on a CPU)."""
     from amanlib.backbone import choose_backbone
     from amanlib.data.frames import fill_apex
     from amanlib.data.sources import Sources
@@ -112,6 +113,21 @@ def test_the_library_defaults_are_the_schemas():
         "cpus_per_task": default(make_executor, "cpus_per_task"),
         "gpus_per_task": default(make_executor, "gpus_per_task")}
     assert {name: params.SCHEMA[name].default for name in library} == library
+    assert train.precision == params.SCHEMA["precision"].default
+
+
+def test_the_training_ranges_are_train_configs():
+    """epochs, batch_size and lr are refused by the parameters check exactly where TrainConfig refuses them."""
+    from amanlib.train import TrainConfig
+    for name, value in (("epochs", 0), ("epochs", 1), ("batch_size", 0), ("batch_size", 2), ("lr", 0.0),
+                        ("lr", 1e-9), ("lr", -1.0), ("epochs", 2.5)):
+        try:
+            TrainConfig(**{name: value})
+            library = True
+        except ValueError as e:
+            library = False
+            assert params.SCHEMA[name].expected in str(e), (name, value)
+        assert params._accepts(params.SCHEMA[name], value) == library, (name, value)
 
 
 def test_the_parameters_cells_are_rewritten_from_the_schema(tmp_path):
@@ -161,7 +177,8 @@ def test_schema_entries_are_typed_and_shared_names_are_shared():
     ("lr", math.nan, "got nan"),
     ("lr", math.inf, "got inf"),
     ("lr", "1e-3", "got '1e-3'"),
-    ("frozen_layer4", "yes", "frozen_layer4 (04_training): expected None or true or false, got 'yes'"),
+    ("frozen_layer4", "yes", "frozen_layer4 (04_training): expected true, false or 'auto', got 'yes'"),
+    ("frozen_layer4", None, "frozen_layer4 (04_training): expected true, false or 'auto', got None"),
     ("ablations", None, "ablations (04_training): expected true or false, got None"),
     ("mag_size", 16, "mag_size (03_feature_extraction): expected None or an integer >= 32, got 16"),
     ("sweep_factors", [], "sweep_factors (02_magnification): expected a non-empty list of finite numbers >= 1"),
@@ -193,10 +210,10 @@ def test_valid_values_pass_as_plain_numbers_and_lists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     out = params.validate({"lr": 1, "epochs": np.int64(3), "factors": (1, 2.5, 4), "device": "cuda:1",
-                           "frozen_layer4": None, "precision": "fp32", "methods": ["phase", "lagrangian"], "clip": 0,
+                           "frozen_layer4": "auto", "precision": "fp32", "methods": ["phase", "lagrangian"], "clip": 0,
                            "magnifier": "lagrangian"},
                           params.NOTEBOOKS)
-    assert out == {"lr": 1, "epochs": 3, "factors": [1, 2.5, 4], "device": "cuda:1", "frozen_layer4": None,
+    assert out == {"lr": 1, "epochs": 3, "factors": [1, 2.5, 4], "device": "cuda:1", "frozen_layer4": "auto",
                    "precision": "fp32", "methods": ["phase", "lagrangian"], "clip": 0, "magnifier": "lagrangian"}
     assert type(out["epochs"]) is int
 

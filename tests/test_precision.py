@@ -17,7 +17,7 @@ from amanlib.backbone import ResNet18Trunk, choose_backbone
 from amanlib.features import build_feature_cache, extract_features
 from amanlib.magnify import magnifier_for
 from amanlib.pretrain import PretrainConfig
-from amanlib.train import training_amp
+from amanlib.train import TrainConfig, training_dtype
 from amanlib.runtime import PRECISIONS, machine_info, native_bf16, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,9 +137,14 @@ def test_training_follows_the_one_precision_setting(cpuinfo):
     with_bf16, without = cpuinfo
     native = {"cpuinfo": with_bf16, "env": {}, "capability": "AVX512"}
     plain = {"cpuinfo": without, "env": {}, "capability": "AVX2"}
-    assert training_amp("auto", "cpu", False, **native) and not training_amp("auto", "cpu", False, **plain)
-    assert not training_amp("auto", "cpu", True, **native)  # the frozen head trains in fp32
-    assert not training_amp("fp32", "cpu", False, **native)
-    assert training_amp("bf16_emulated", "cpu", False, **plain)
+    def dtype(precision, frozen, machine):
+        return training_dtype(TrainConfig(precision=precision, frozen_layer4=frozen, device="cpu"), **machine)
+
+    assert dtype("auto", False, native) is torch.bfloat16 and dtype("auto", False, plain) is None
+    assert dtype("auto", True, native) is None  # the frozen head trains in fp32
+    assert dtype("fp32", False, native) is None
+    assert dtype("bf16_emulated", False, plain) is torch.bfloat16
     with pytest.raises(ValueError, match="bf16 is emulated on this CPU"):
-        training_amp("bf16", "cpu", False, **plain)
+        dtype("bf16", False, plain)
+    with pytest.raises(ValueError, match="TrainConfig.precision must be one of"):
+        TrainConfig(precision="fp16")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import pandas as pd
 
@@ -15,6 +16,18 @@ LABEL_PROTOCOLS = {"megc2019_3class": megc2019_3class, "casme2_5class": casme2_5
 DATASETS = ("synthetic", "casme2", "samm", "smic", "composite")
 NEEDS = {"casme2": ("casme2_coding", "casme2_frames"), "samm": ("samm_codes", "samm_frames"), "smic": ("smic_hs",),
          "composite": ("casme2_coding", "casme2_frames", "samm_codes", "samm_frames", "smic_hs")}
+
+
+def source_problems(dataset: str, label_protocol: str, given: Mapping[str, object]) -> list[tuple[str, str]]:
+    """The rules between the dataset and its other settings, as (setting, what is wrong) for each one broken; a path
+    missing from `given` is not judged (the notebook parameters check reads only what a run passes)."""
+    problems = []
+    missing = [name for name in NEEDS.get(dataset, ()) if name in given and given[name] is None]
+    if missing:
+        problems.append(("dataset", f"{dataset!r} needs {', '.join(NEEDS[dataset])}; not given: {', '.join(missing)}"))
+    if dataset == "composite" and label_protocol != "megc2019_3class":
+        problems.append(("label_protocol", f"dataset 'composite' needs 'megc2019_3class', got {label_protocol!r}"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -41,11 +54,10 @@ class Sources:
         if self.label_protocol not in LABEL_PROTOCOLS:
             raise ValueError(f"Sources.label_protocol must be one of {tuple(LABEL_PROTOCOLS)}, "
                              f"got {self.label_protocol!r}")
-        if self.dataset == "composite" and self.label_protocol != "megc2019_3class":
-            raise ValueError("the composite is defined for label_protocol 'megc2019_3class' only")
-        missing = [name for name in NEEDS.get(self.dataset, ()) if getattr(self, name) is None]
-        if missing:
-            raise ValueError(f"dataset {self.dataset!r} needs {', '.join(missing)}")
+        problems = source_problems(self.dataset, self.label_protocol,
+                                   {name: getattr(self, name) for name in NEEDS.get(self.dataset, ())})
+        if problems:
+            raise ValueError("; ".join(f"Sources.{name}: {text}" for name, text in problems))
 
 
 def load_dataset(sources: Sources) -> pd.DataFrame:

@@ -173,7 +173,7 @@ class LearningBasedMagnifier(Magnifier):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _autocast(self):
-        return autocast(self.device, self.autocast_dtype is not None, self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def prepare(self, onset: torch.Tensor, frames: torch.Tensor) -> _PairState:
         Bo, _, H, W = onset.shape  # Bo = 1 (one onset for all frames) or B
