@@ -12,25 +12,6 @@ from .results import OPTIMISTIC, aman_runs, read_metrics
 from .runtime import atomic_write
 
 
-def run_title(metrics: dict) -> str:
-    return (f"{metrics['model']}, epochs {metrics['epoch_selection']}"
-            + (" (OPTIMISTIC)" if metrics["optimistic"] else "") + f", fidelity {metrics['fidelity']['name']}")
-
-
-def fidelity_table(metrics: dict) -> pd.DataFrame:
-    """AMAN under each fidelity preset trained on this clip table (notebook 05 shows it when there are two)."""
-    return pd.DataFrame({name: {"UF1": f"{e['uf1']:.3f} [{e['uf1_ci'][0]:.3f}, {e['uf1_ci'][1]:.3f}]",
-                                "UAR": f"{e['uar']:.3f} [{e['uar_ci'][0]:.3f}, {e['uar_ci'][1]:.3f}]",
-                                "trunk bn": e["trunk_bn"], "layer4 bn": e["layer4_bn"],
-                                "layer4 init": e["layer4_init"]}
-                         for name, e in metrics.get("by_fidelity", {}).items()}).T
-
-
-def headline(metrics: dict) -> str:
-    return json.dumps({k: metrics[k] for k in ("model", "label_protocol", "epoch_selection", "uf1", "uar", "accuracy")},
-                      indent=1)
-
-
 def comparisons_text(comparisons, n_subjects: int | None = None) -> str:
     """In words, per metric: which variants AMAN beats and which beat it (95% CI excluding zero), and how many the
     data cannot tell apart from it. `comparisons`: metrics.json's list or its DataFrame. With fewer than
