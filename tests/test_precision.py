@@ -17,7 +17,7 @@ from amanlib.backbone import ResNet18Trunk, choose_backbone
 from amanlib.features import build_feature_cache, extract_features
 from amanlib.magnify import magnifier_for
 from amanlib.pretrain import PretrainConfig
-from amanlib.train import TrainConfig, training_dtype
+from amanlib.train import TrainConfig, run_inputs, training_dtype
 from amanlib.runtime import PRECISIONS, machine_info, native_bf16, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,3 +148,23 @@ def test_training_follows_the_one_precision_setting(cpuinfo):
         dtype("bf16", False, plain)
     with pytest.raises(ValueError, match="TrainConfig.precision must be one of"):
         TrainConfig(precision="fp16")
+
+
+def test_a_runs_key_holds_the_precision_as_resolved():
+    """Settings that compute the same share a run ('auto' and 'fp32' for the frozen-layer4 head); bf16 does not."""
+    import pandas as pd
+    index = pd.DataFrame({"dataset": ["d"], "subject": ["s"], "clip": ["c"], "label": [0]})
+
+    def recorded(**settings):
+        return run_inputs("features", index, TrainConfig(device="cpu", **settings))["config"]["precision"]
+
+    assert recorded(precision="auto", frozen_layer4=True) == recorded(precision="fp32", frozen_layer4=True) \
+        == recorded(precision="bf16_emulated", frozen_layer4=True) == str(torch.float32)
+    assert recorded(precision="bf16_emulated") == str(torch.bfloat16)
+
+
+def test_frozen_layer4_auto_is_resolved_by_the_device():
+    assert TrainConfig(device="cpu", frozen_layer4="auto").frozen_layer4 is True
+    assert TrainConfig(device="cpu").frozen_layer4 is False  # the library's default: the authors' model
+    with pytest.raises(ValueError, match="frozen_layer4 must be True, False or 'auto', got None"):
+        TrainConfig(frozen_layer4=None)
