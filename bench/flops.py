@@ -24,7 +24,10 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from amanlib import params
 from amanlib.backbone import ResNet18Trunk
+from amanlib.data.synthetic import SyntheticConfig
+from amanlib.features import DEFAULT_FACTORS
 from amanlib.magnify import LearningBasedMagnifier
 from amanlib.magnify.learning import MagNet
 from amanlib.model import AMAN
@@ -205,7 +208,7 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--real-sizes", type=int, nargs="+", default=[224, 384],
                    help="magnification sizes on real data (the kit magnifies at each clip's own size: CASME II "
                         "crops are about 231x282; the authors' demo resizes to 384)")
-    p.add_argument("--synthetic-size", type=int, default=128, help="the synthetic set's frame size")
+    p.add_argument("--synthetic-size", type=int, default=SyntheticConfig.size, help="the synthetic set's frame size")
     p.add_argument("--composite-unmagnified", action="store_true",
                    help="count the kit's factor-1 slot in the composite too (10 slots instead of 9)")
     p.add_argument("--epochs", type=int, default=50)
@@ -218,7 +221,9 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--out", default="results/bench/flops.csv")
     args = p.parse_args(argv)
     composite = Scenario("MEGC2019 composite", 442, 68, 11, 9, args.composite_unmagnified, tuple(args.real_sizes))
-    synthetic = Scenario("synthetic default", 96, 12, 4, 9, True, (args.synthetic_size,))
+    default = SyntheticConfig()  # the synthetic default as make reproduce runs it (notebook defaults, 5 factors)
+    synthetic = Scenario("synthetic default", default.n_subjects * default.clips_per_subject, default.n_subjects,
+                         params.SCHEMA["n_frames"].default, len(DEFAULT_FACTORS), True, (args.synthetic_size,))
 
     mag = {size: magnifier_stages(size) for size in {*args.real_sizes, args.synthetic_size}}
     trunk, model = trunk_image(), model_stages()
@@ -242,8 +247,8 @@ def main(argv=None) -> pd.DataFrame:
               f"fwd+bwd {heads(F, K) / 1e6:.4f}; check: AMAN fwd+bwd on one clip {whole / 1e9:.3f} GFLOP = "
               f"layer4 x {F * K} + heads {parts / 1e9:.3f} (ratio {whole / parts:.6f})")
     print(f"frozen-layer4 heads per model-step (batch {args.batch}, AMAN variant, no gradient into the features): "
-          f"{heads(synthetic.frames, 9, args.batch, grad_input=False) / 1e6:.3f} MFLOP synthetic, "
-          f"{heads(composite.frames, 9, args.batch, grad_input=False) / 1e6:.3f} MFLOP composite")
+          f"{heads(synthetic.frames, synthetic.magnified, args.batch, grad_input=False) / 1e6:.3f} MFLOP synthetic, "
+          f"{heads(composite.frames, composite.magnified, args.batch, grad_input=False) / 1e6:.3f} MFLOP composite")
 
     tables = []
     for s in (composite, synthetic):
