@@ -151,8 +151,8 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
         logits_gpu, params_gpu = one_fold(cfg, x, index, device, epochs)
     finally:
         restore(before)
-    bf16 = run_loso(x, index, cfg=dataclasses.replace(cfg, device=device, precision="bf16"), runs_dir=work / "gpu_bf16",
-                    progress=False)
+    bf16_cfg = dataclasses.replace(cfg, device=device, precision="bf16_emulated")  # bf16 even where emulated (a CPU dry run)
+    bf16 = run_loso(x, index, cfg=bf16_cfg, runs_dir=work / "gpu_bf16", progress=False)
     fp32_vs_cpu = compare_runs(gpu, cpu)
     fp32_vs_cpu.update(max_logit_diff=float((logits_gpu - logits_cpu).abs().max()),
                        max_logit=float(logits_cpu.abs().max()),
