@@ -92,13 +92,15 @@ def _relative(results_dir, path) -> str:
 
 def update_metrics(results_dir, **fields) -> dict:
     """Merge fields into results_dir/metrics.json (written atomically); run_dir is stored relative to
-    results_dir so the folder can move."""
+    results_dir so the folder can move (run_dirs and runs too)."""
     path = Path(results_dir) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     if "run_dir" in fields:
         fields["run_dir"] = _relative(results_dir, fields["run_dir"])
     if "run_dirs" in fields:
         fields["run_dirs"] = [_relative(results_dir, p) for p in fields["run_dirs"]]
+    if "runs" in fields:
+        fields["runs"] = {variant: [_relative(results_dir, p) for p in paths] for variant, paths in fields["runs"].items()}
     metrics.update(fields)
     save_json(metrics, path)
     return metrics
@@ -106,7 +108,7 @@ def update_metrics(results_dir, **fields) -> dict:
 
 METRICS_FIELDS = ("dataset", "epoch_selection", "optimistic", "model", "backbone", "magnifier", "factors", "clips",
                   "subjects", "seeds", "uf1", "uar", "accuracy", "uf1_ci", "uar_ci", "per_subset", "ablations",
-                  "comparisons", "mechanism", "protocol_gap", "method", "fidelity", "run_dir", "run_dirs")
+                  "comparisons", "mechanism", "protocol_gap", "method", "fidelity", "run_dir", "run_dirs", "runs")
 """The fields of metrics.json that notebook 05 and `amanlib readme` read (record_training writes them all)."""
 
 
@@ -131,6 +133,14 @@ def read_metrics(results_dir) -> dict:
 def metrics_run_dir(results_dir, metrics: dict) -> Path:
     """The AMAN run folder (first seed) metrics.json points at (stored relative to results_dir, or absolute)."""
     return Path(results_dir) / metrics["run_dir"]
+
+
+def sweep_predictions(results_dir, metrics: dict) -> pd.DataFrame:
+    """Every variant's predictions seed by seed (variant and seed columns), from the runs metrics.json names: the
+    table notebook 04's statistics were computed from, e.g. to pool several results folders (bench/trunk_seeds.py)."""
+    return pd.concat([LOSOResult.load(Path(results_dir) / folder).predictions.assign(variant=variant, seed=seed)
+                      for variant, folders in metrics["runs"].items()
+                      for seed, folder in zip(metrics["seeds"], folders)], ignore_index=True)
 
 
 def aman_runs(results_dir, metrics: dict) -> list["LOSOResult"]:
@@ -287,6 +297,7 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
         "fidelity": _fidelity(cache, cfg),
         "run_dir": first.out_dir,
         "run_dirs": [runs[s].out_dir for s in seeds],
+        "runs": {variant: [sweep.runs[(variant, s)].out_dir for s in seeds] for variant in summary.index},
     }
     fidelity = fields["fidelity"]
     fields["by_fidelity"] = _by_fidelity(results_dir, {

@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from amanlib import results as results_lib, stats
 from amanlib.cli import main
 from amanlib.notebooks import notebook_list, parse_params, run_notebooks
 from conftest import REFERENCE
@@ -156,6 +157,9 @@ def test_notebooks_run_end_to_end_on_tiny_parameters(tmp_path, monkeypatch, caps
                                          "no magnification", "single factor 2", "single factor 4",
                                          "oracle factor (truth)"}  # the positive control, on synthetic data
     assert metrics["ablations"]["AMAN"]["uf1"] == pytest.approx(metrics["uf1"])
+    again = stats.bootstrap_scores(results_lib.sweep_predictions(results, metrics))  # from the runs it names
+    assert {v: again.loc[v, "uf1"] for v in again.index} == pytest.approx(
+        {v: a["uf1"] for v, a in metrics["ablations"].items()}, abs=1e-12)
     assert metrics["seeds"] == [0, 1, 2, 3, 4] and len(metrics["run_dirs"]) == 5  # notebook 04's default
     assert len(metrics["comparisons"]) == 2 * 6 and metrics["mechanism"]["n"] == 9
     check_oracle_and_by_motion(metrics)

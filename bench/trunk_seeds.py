@@ -1,0 +1,97 @@
+"""CIs that count the trunk: the synthetic default once per trunk seed, pooled, against the committed CIs.
+
+The committed CIs resample subjects and training seeds on one pre-trained trunk, so they hold the trunk fixed
+(README: across machines). This runs `make reproduce`'s notebooks 01, 03 and 04 once per trunk seed t with one
+training seed, t (so each unit is a (trunk, training seed) pair), pools the runs' predictions as one run of
+len(trunks) seeds and bootstraps subjects and pairs together, as notebook 04 does for seeds. Each results folder is
+cached (a re-run only pools). Writes results/bench/trunk_seeds.csv: per variant the pooled mean and CI beside the
+committed ones (width ratio), whether each --compare run's mean falls inside each, and AMAN minus each variant.
+
+    python bench/trunk_seeds.py --trunks 0 1 2 3 4 --work /tmp/trunk_seeds
+    python bench/trunk_seeds.py --compare /tmp/avx2/metrics.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from amanlib import results, stats
+
+REPO = Path(__file__).resolve().parents[1]
+MAGNET = REPO.parent / "shared" / "reference" / "magnet" / "learning_based_mag.pth.tar"
+
+
+def run_trunk(trunk: int, folder: Path) -> float:
+    """Notebooks 01, 03 and 04 of the synthetic default with trunk seed `trunk` and training seed `trunk`."""
+    env = dict(os.environ)
+    if "AMANLIB_MAGNET_CHECKPOINT" not in env and MAGNET.exists():
+        env["AMANLIB_MAGNET_CHECKPOINT"] = str(MAGNET)
+    cmd = [sys.executable, "-m", "amanlib", "run-notebooks", "--only", "01,03,04", "--quiet", "--results",
+           str(folder), "-p", "backbone", "synthetic_macro", "-p", "trunk_seed", str(trunk), "-p", "seeds", f"[{trunk}]"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    return time.perf_counter() - start
+
+
+def pooled_predictions(folders: list[Path]) -> pd.DataFrame:
+    """Every folder's predictions, all variants, as one table whose seeds are the folders' (trunk, seed) pairs."""
+    return pd.concat([results.sweep_predictions(f, results.read_metrics(f)) for f in folders], ignore_index=True)
+
+
+def main(argv=None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trunks", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--work", default="/tmp/amanlib_trunk_seeds", help="results folders, one per trunk (cached)")
+    p.add_argument("--committed", default=str(REPO / "results" / "metrics.json"))
+    p.add_argument("--compare", nargs="*", default=[], help="metrics.json of other runs of the default")
+    p.add_argument("--out", default=str(REPO / "results" / "bench" / "trunk_seeds.csv"))
+    args = p.parse_args(argv)
+    if len(set(args.trunks)) < 2:
+        raise SystemExit("--trunks: at least 2 different trunk seeds are needed for a CI over trunks")
+    folders = [Path(args.work) / f"trunk{t}" for t in args.trunks]
+    for t, folder in zip(args.trunks, folders):
+        if not (folder / "metrics.json").exists():
+            print(f"trunk {t}: {run_trunk(t, folder):.0f} s of notebooks into {folder}", flush=True)
+    predictions = pooled_predictions(folders)
+    pooled = stats.bootstrap_scores(predictions)
+    committed = json.loads(Path(args.committed).read_text())["ablations"]
+    others = {path: json.loads(Path(path).read_text())["ablations"] for path in args.compare}
+    rows = []
+    for variant, row in pooled.iterrows():
+        for metric in ("uf1", "uar"):
+            lo, hi = committed[variant][f"{metric}_ci"]
+            entry = {"variant": variant, "metric": metric, "pooled": row[metric], "pooled_lo": row[f"{metric}_ci_lo"],
+                     "pooled_hi": row[f"{metric}_ci_hi"], "committed": committed[variant][metric],
+                     "committed_lo": lo, "committed_hi": hi,
+                     "width_ratio": (row[f"{metric}_ci_hi"] - row[f"{metric}_ci_lo"]) / (hi - lo)}
+            for i, (path, other) in enumerate(others.items()):
+                x = other[variant][metric]
+                entry[f"compare{i}"] = x
+                entry[f"compare{i}_in_committed"] = lo <= x <= hi
+                entry[f"compare{i}_in_pooled"] = row[f"{metric}_ci_lo"] <= x <= row[f"{metric}_ci_hi"]
+            rows.append(entry)
+    table = pd.DataFrame(rows)
+    diffs = pd.DataFrame(stats.paired_comparisons(predictions))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(f"{len(args.trunks)} (trunk, training seed) pairs: trunks {args.trunks}; committed: {args.committed}")
+        print(table.round(3).to_string(index=False))
+        print(diffs.assign(ci=diffs["ci"].map(lambda c: f"[{c[0]:+.3f}, {c[1]:+.3f}]"))
+              [["a", "b", "metric", "diff", "ci", "p_value"]].round(4).to_string(index=False))
+        for i, path in enumerate(others):
+            print(f"compare{i} = {path}: {int(table[f'compare{i}_in_committed'].sum())}/{len(table)} inside the "
+                  f"committed CIs, {int(table[f'compare{i}_in_pooled'].sum())}/{len(table)} inside the pooled ones")
+        print(f"CI width, pooled over trunks / committed (trunk fixed): median {table['width_ratio'].median():.2f}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
