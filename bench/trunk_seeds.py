@@ -5,15 +5,15 @@ The committed CIs resample subjects and training seeds on one pre-trained trunk,
 training seed, t (so each unit is a (trunk, training seed) pair), pools the runs' predictions as one run of
 len(trunks) seeds and bootstraps subjects and pairs together, as notebook 04 does for seeds. Each results folder is
 cached (a re-run only pools). Writes results/bench/trunk_seeds.csv: per variant the pooled mean and CI beside the
-committed ones (width ratio), whether each --compare run's mean falls inside each, and AMAN minus each variant.
+committed ones (width ratio), and for each --compare folder (another run of the default: another trunk seed, another
+CPU) whether its mean falls inside each CI and, as a comparison should be made, its difference from the committed
+run with a CI (the subject-and-seed bootstrap of notebook 04, the two runs' seeds paired by number).
 
-    python bench/trunk_seeds.py --trunks 0 1 2 3 4 --work /tmp/trunk_seeds
-    python bench/trunk_seeds.py --compare /tmp/avx2/metrics.json
+    python bench/trunk_seeds.py --trunks 0 1 2 3 4 --work /tmp/trunk_seeds --compare /tmp/avx2 /tmp/trunk1
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -45,12 +45,25 @@ def pooled_predictions(folders: list[Path]) -> pd.DataFrame:
     return pd.concat([results.sweep_predictions(f, results.read_metrics(f)) for f in folders], ignore_index=True)
 
 
+def run_differences(base: Path, other: Path) -> pd.DataFrame:
+    """Per variant and metric: the other run minus the base run on the same clips, with its 95% CI."""
+    a = results.sweep_predictions(base, results.read_metrics(base))
+    b = results.sweep_predictions(other, results.read_metrics(other))
+    rows = []
+    for variant in a["variant"].unique():
+        both = pd.concat([a[a["variant"] == variant], b[b["variant"] == variant].assign(variant="other")])
+        for r in stats.paired_comparisons(both, reference="other", n_permutations=1):
+            rows.append({"variant": variant, "metric": r["metric"], "diff": r["diff"], "diff_lo": r["ci"][0],
+                         "diff_hi": r["ci"][1]})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trunks", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--work", default="/tmp/amanlib_trunk_seeds", help="results folders, one per trunk (cached)")
-    p.add_argument("--committed", default=str(REPO / "results" / "metrics.json"))
-    p.add_argument("--compare", nargs="*", default=[], help="metrics.json of other runs of the default")
+    p.add_argument("--committed", default=str(REPO / "results"), help="the committed default's results folder")
+    p.add_argument("--compare", nargs="*", default=[], help="results folders of other runs of the default")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "trunk_seeds.csv"))
     args = p.parse_args(argv)
     if len(set(args.trunks)) < 2:
@@ -61,8 +74,8 @@ def main(argv=None) -> pd.DataFrame:
             print(f"trunk {t}: {run_trunk(t, folder):.0f} s of notebooks into {folder}", flush=True)
     predictions = pooled_predictions(folders)
     pooled = stats.bootstrap_scores(predictions)
-    committed = json.loads(Path(args.committed).read_text())["ablations"]
-    others = {path: json.loads(Path(path).read_text())["ablations"] for path in args.compare}
+    committed = results.read_metrics(args.committed)["ablations"]
+    others = {path: results.read_metrics(path)["ablations"] for path in args.compare}
     rows = []
     for variant, row in pooled.iterrows():
         for metric in ("uf1", "uar"):
@@ -78,6 +91,10 @@ def main(argv=None) -> pd.DataFrame:
                 entry[f"compare{i}_in_pooled"] = row[f"{metric}_ci_lo"] <= x <= row[f"{metric}_ci_hi"]
             rows.append(entry)
     table = pd.DataFrame(rows)
+    for i, path in enumerate(args.compare):
+        diff = run_differences(Path(args.committed), Path(path)).rename(
+            columns={c: f"compare{i}_{c}" for c in ("diff", "diff_lo", "diff_hi")})
+        table = table.merge(diff, on=["variant", "metric"], how="left")
     diffs = pd.DataFrame(stats.paired_comparisons(predictions))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
@@ -87,8 +104,11 @@ def main(argv=None) -> pd.DataFrame:
         print(diffs.assign(ci=diffs["ci"].map(lambda c: f"[{c[0]:+.3f}, {c[1]:+.3f}]"))
               [["a", "b", "metric", "diff", "ci", "p_value"]].round(4).to_string(index=False))
         for i, path in enumerate(others):
+            zero = ((table[f"compare{i}_diff_lo"] <= 0) & (table[f"compare{i}_diff_hi"] >= 0)).sum()
             print(f"compare{i} = {path}: {int(table[f'compare{i}_in_committed'].sum())}/{len(table)} inside the "
-                  f"committed CIs, {int(table[f'compare{i}_in_pooled'].sum())}/{len(table)} inside the pooled ones")
+                  f"committed CIs, {int(table[f'compare{i}_in_pooled'].sum())}/{len(table)} inside the pooled ones; "
+                  f"its difference from the committed run has a CI holding 0 for {zero}/{len(table)}, median "
+                  f"{table[f'compare{i}_diff'].median():+.3f}")
         print(f"CI width, pooled over trunks / committed (trunk fixed): median {table['width_ratio'].median():.2f}")
     return table
 
