@@ -108,7 +108,7 @@ def update_metrics(results_dir, **fields) -> dict:
 
 METRICS_FIELDS = ("dataset", "epoch_selection", "optimistic", "model", "backbone", "magnifier", "factors", "clips",
                   "subjects", "seeds", "uf1", "uar", "accuracy", "uf1_ci", "uar_ci", "per_subset", "ablations",
-                  "comparisons", "mechanism", "protocol_gap", "method", "fidelity", "run_dir", "run_dirs", "runs")
+                  "comparisons", "mechanism", "protocol_gap", "method", "fidelity", "run_dir", "run_dirs")
 """The fields of metrics.json that notebook 05 and `amanlib readme` read (record_training writes them all)."""
 
 
@@ -138,6 +138,9 @@ def metrics_run_dir(results_dir, metrics: dict) -> Path:
 def sweep_predictions(results_dir, metrics: dict) -> pd.DataFrame:
     """Every variant's predictions seed by seed (variant and seed columns), from the runs metrics.json names: the
     table notebook 04's statistics were computed from, e.g. to pool several results folders (bench/trunk_seeds.py)."""
+    if "runs" not in metrics:
+        raise ValueError(f"{Path(results_dir) / 'metrics.json'} names only AMAN's runs (written before the kit recorded "
+                         "every variant's): run notebook 04 (training) again to write them")
     return pd.concat([LOSOResult.load(Path(results_dir) / folder).predictions.assign(variant=variant, seed=seed)
                       for variant, folders in metrics["runs"].items()
                       for seed, folder in zip(metrics["seeds"], folders)], ignore_index=True)

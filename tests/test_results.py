@@ -186,3 +186,9 @@ def test_a_metrics_json_without_a_field_the_kit_reads_is_one_line_naming_it(tmp_
     assert len(err) == 1 and "(amanlib --debug shows where)" in err[0]
     with pytest.raises(Exception):
         cli.main(["--debug", "readme", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")])
+
+
+def test_an_older_metrics_file_says_how_to_name_every_run(tmp_path):
+    from amanlib.results import sweep_predictions
+    with pytest.raises(ValueError, match=r"names only AMAN's runs .* run notebook 04 \(training\) again"):
+        sweep_predictions(tmp_path, {"run_dirs": ["work/runs/x"], "seeds": [0]})
