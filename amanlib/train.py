@@ -246,7 +246,9 @@ class _Fold:
     def train_epoch(self, rows: np.ndarray) -> tuple[float, float]:
         self.model.train()
         order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=self.generator)]
-        total_loss, correct = 0.0, 0
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        total_loss = torch.zeros((), dtype=wide, device=self.device)  # summed on the device: one sync an epoch
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         for start in range(0, len(order), self.cfg.batch_size):
             idx = order[start:start + self.cfg.batch_size]
             y = self.labels[idx].to(self.device)
@@ -255,10 +257,10 @@ class _Fold:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
+            total_loss += loss.detach().to(wide) * len(idx)
+            correct += (logits.argmax(1) == y).sum()
         self.scheduler.step()
-        return total_loss / len(rows), correct / len(rows)
+        return total_loss.item() / len(rows), correct.item() / len(rows)
 
     @torch.inference_mode()
     def predict(self, rows: np.ndarray, chunk: int = 32):
