@@ -175,7 +175,8 @@ _PARAMS = [
           choices=get_args(ApexMethod)),
     Param("n_strips", Kind.INT, 4, (_DATA,), "clips shown as onset/apex/offset strips", min=0),
     # 02_magnification
-    Param("clip", Kind.INT, None, (_MAG,), "row of the clip table; None: the clip with the largest apex motion",
+    Param("clip", Kind.INT, None, (_MAG,),
+          "row of the clip table; None: the clip with the largest apex motion (the synthetic truth's, else measured)",
           none_ok=True, min=0, expect="an integer >= 0 (a row of the clip table)"),
     Param("methods", Kind.STRS, ["learning", "eulerian", "phase"], (_MAG,), "magnifiers compared",
           choices=MAGNIFIERS),

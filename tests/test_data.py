@@ -473,3 +473,18 @@ def test_clip_row_names_the_parameter_and_the_range():
     assert clip_row(index, None)["clip"] == "b" and clip_row(index, 2)["clip"] == "c"
     with pytest.raises(ValueError, match=r"clip 99 is not a row of the clip table \(rows 0-2, 3 clips\)"):
         clip_row(index, 99)
+
+
+def test_the_demo_clip_is_the_one_with_the_largest_motion(tmp_path):
+    """clip None in notebook 02: on synthetic data the clip with the largest true motion; without a truth the clip
+    whose apex differs most from its onset, which on clean clips is a large motion (it was the clip with the most
+    frames to its apex, whatever its motion)."""
+    from amanlib.data import clip_row, largest_motion_clip, truth_for
+    df = make_synthetic(tmp_path, seed=3, n_subjects=3, clips_per_subject=4, drift_px=0.0, blink_prob=0.0,
+                        flicker=0.0, subject_peak_px=(0.3, 4.0), max_peak_px=8.0)
+    truth = truth_for(df)
+    assert clip_row(df, None, truth)["clip"] == truth.loc[truth["peak_px"].idxmax(), "clip"]
+    assert clip_row(df, None, truth)["subject"] == truth.loc[truth["peak_px"].idxmax(), "subject"]
+    measured = largest_motion_clip(df, progress=False)
+    assert truth["peak_px"].iloc[measured] > truth["peak_px"].median()
+    assert clip_row(df, 2, truth)["clip"] == df.iloc[2]["clip"]

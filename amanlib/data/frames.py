@@ -110,15 +110,35 @@ def load_clip_frames(paths: Sequence[str | Path], size: int | tuple[int, int] | 
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255)  # N, 3, H, W
 
 
-def largest_motion_clip(index: pd.DataFrame) -> int:
-    """Row number of the clip with the most frames from onset to apex."""
-    return int((index["apex"] - index["onset"]).reset_index(drop=True).idxmax())
+def change_from_onset(frames: torch.Tensor, sigma: float = 1.0, top: float = 0.02) -> torch.Tensor:
+    """How much each frame [N, C, H, W] differs from the first (the onset), [N]: frames greyed, lightly blurred
+    (`sigma` px, against sensor noise) and divided by their mean (against illumination flicker); the mean of the
+    largest `top` fraction of absolute pixel differences, because a micro-expression moves a small part of the face."""
+    gray = frames.float().mean(dim=1, keepdim=True) if frames.dim() == 4 else frames.float().unsqueeze(1)  # N,1,H,W
+    radius = max(1, int(round(3 * sigma)))
+    gray = gaussian_blur(gray, kernel_size=2 * radius + 1, sigma=sigma)
+    gray = gray / gray.mean(dim=(2, 3), keepdim=True).clamp(min=1e-6)
+    diff = (gray - gray[:1]).abs().flatten(1)  # N, H*W
+    return diff.topk(max(1, int(diff.shape[1] * top)), dim=1).values.mean(dim=1)
 
 
-def clip_row(index: pd.DataFrame, clip: int | None) -> pd.Series:
-    """The clip table's row number `clip` (None: largest_motion_clip), or an error naming the parameter and range."""
+def largest_motion_clip(index: pd.DataFrame, size: int = 128, progress: bool = True) -> int:
+    """Row number of the clip whose apex frame differs most from its onset (change_from_onset, frames read shrunk
+    to size x size): the clip where a magnifier has the most to show."""
+    rows = progress_bar(list(index.itertuples(index=False)), desc="finding the clip with the largest motion",
+                        disable=not progress)
+    change = [float(change_from_onset(load_clip_frames(_paths_for(row._asdict(), [int(row.onset), int(row.apex)]),
+                                                       size=size))[1]) for row in rows]
+    return int(np.argmax(change))
+
+
+def clip_row(index: pd.DataFrame, clip: int | None, truth: pd.DataFrame | None = None) -> pd.Series:
+    """The clip table's row number `clip`, or an error naming the parameter and range. None: the clip with the
+    largest apex motion, read from `truth` (the synthetic truth, rows as the table's) when given, else measured
+    (largest_motion_clip)."""
     if clip is None:
-        return index.iloc[largest_motion_clip(index)]
+        return index.iloc[int(np.argmax(truth["peak_px"].to_numpy())) if truth is not None
+                          else largest_motion_clip(index)]
     if not 0 <= clip < len(index):
         raise ValueError(f"clip {clip} is not a row of the clip table (rows 0-{len(index) - 1}, {len(index)} clips); "
                          "choose one of them, or None for the clip with the largest apex motion")
@@ -129,12 +149,9 @@ def estimate_apex(frames: torch.Tensor | Sequence[str | Path], method: ApexMetho
                   sigma: float = 1.0, top: float = 0.02) -> int:
     """Index (0 = onset) of the apex frame of a clip given its onset..offset frames.
 
-    'diff': the frame that differs most from the onset frame. Frames are greyed, lightly blurred (`sigma`
-    px, against sensor noise) and divided by their mean (against illumination flicker); the difference is
-    the mean of the largest `top` fraction of absolute pixel differences, because a micro-expression moves
-    a small part of the face. It finds the apex when the motion stands out over head drift and noise (default
-    synthetic set: within 2 frames for 80% of clips peaking above 1.2 px, 71% at 0.8-1.2 px, 21% below
-    0.5 px) and a blink can win instead.
+    'diff': the frame that differs most from the onset frame (change_from_onset). It finds the apex when the
+    motion stands out over head drift and noise (default synthetic set: within 2 frames for 80% of clips peaking
+    above 1.2 px, 71% at 0.8-1.2 px, 21% below 0.5 px) and a blink can win instead.
     'middle': the middle frame, (N - 1) // 2, the usual fallback for SMIC.
     """
     if method not in ("diff", "middle"):
@@ -146,13 +163,7 @@ def estimate_apex(frames: torch.Tensor | Sequence[str | Path], method: ApexMetho
         return (n - 1) // 2
     if not isinstance(frames, torch.Tensor):
         frames = load_clip_frames(frames)
-    gray = frames.float().mean(dim=1, keepdim=True) if frames.dim() == 4 else frames.float().unsqueeze(1)  # N,1,H,W
-    radius = max(1, int(round(3 * sigma)))
-    gray = gaussian_blur(gray, kernel_size=2 * radius + 1, sigma=sigma)
-    gray = gray / gray.mean(dim=(2, 3), keepdim=True).clamp(min=1e-6)
-    diff = (gray - gray[:1]).abs().flatten(1)  # N, H*W
-    k = max(1, int(diff.shape[1] * top))
-    return int(torch.argmax(diff.topk(k, dim=1).values.mean(dim=1)))
+    return int(torch.argmax(change_from_onset(frames, sigma, top)))
 
 
 def fill_apex(df: pd.DataFrame, method: ApexMethod = "diff", size: int = 128, progress: bool = True,
