@@ -470,7 +470,8 @@ def test_clip_row_names_the_parameter_and_the_range():
     """`-p clip 99` on a 9-clip table (issue 22): one line naming the parameter and the rows, not pandas' error."""
     from amanlib.data import clip_row
     index = pd.DataFrame({"onset": [0, 0, 0], "apex": [3, 9, 5], "clip": ["a", "b", "c"]})
-    assert clip_row(index, None)["clip"] == "b" and clip_row(index, 2)["clip"] == "c"
+    truth = pd.DataFrame({"peak_px": [0.5, 0.2, 1.5]})
+    assert clip_row(index, None, truth)["clip"] == "c" and clip_row(index, 1)["clip"] == "b"
     with pytest.raises(ValueError, match=r"clip 99 is not a row of the clip table \(rows 0-2, 3 clips\)"):
         clip_row(index, 99)
 
