@@ -316,7 +316,9 @@ def record_training(results_dir, index: pd.DataFrame, cache, sweep, summary: pd.
 
 STATS_METHOD = ("95% CIs: percentile bootstrap over subjects and training seeds together (2,000 resamples, seeded; "
                 "clips of one subject move together); differences between variants: the same paired resampling, and "
-                "a two-sided sign-flip permutation test over subjects on per-subject differences averaged over seeds.")
+                "a two-sided sign-flip permutation test over subjects on per-subject differences averaged over seeds. "
+                "The trunk is held fixed: where it is the kit's own pre-training (synthetic data), another trunk seed "
+                "or CPU can move every mean by more than these CIs (README: across machines).")
 
 
 BY_MOTION_METHOD = ("Bins: quantiles of the clips' true peak displacement (tertiles; a clip on a cut point in the "
