@@ -100,7 +100,8 @@ def update_metrics(results_dir, **fields) -> dict:
     if "run_dirs" in fields:
         fields["run_dirs"] = [_relative(results_dir, p) for p in fields["run_dirs"]]
     if "runs" in fields:
-        fields["runs"] = {variant: [_relative(results_dir, p) for p in paths] for variant, paths in fields["runs"].items()}
+        fields["runs"] = {variant: [_relative(results_dir, p) for p in paths]
+                          for variant, paths in fields["runs"].items()}
     metrics.update(fields)
     save_json(metrics, path)
     return metrics
@@ -139,8 +140,8 @@ def sweep_predictions(results_dir, metrics: dict) -> pd.DataFrame:
     """Every variant's predictions seed by seed (variant and seed columns), from the runs metrics.json names: the
     table notebook 04's statistics were computed from, e.g. to pool several results folders (bench/trunk_seeds.py)."""
     if "runs" not in metrics:
-        raise ValueError(f"{Path(results_dir) / 'metrics.json'} names only AMAN's runs (written before the kit recorded "
-                         "every variant's): run notebook 04 (training) again to write them")
+        raise ValueError(f"{Path(results_dir) / 'metrics.json'} names only AMAN's runs (written before the kit "
+                         "recorded every variant's): run notebook 04 (training) again to write them")
     return pd.concat([LOSOResult.load(Path(results_dir) / folder).predictions.assign(variant=variant, seed=seed)
                       for variant, folders in metrics["runs"].items()
                       for seed, folder in zip(metrics["seeds"], folders)], ignore_index=True)

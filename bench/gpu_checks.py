@@ -138,7 +138,8 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
         dict(n_subjects=6, per_subject=8, F=2, K=3, C=256, size=14)
     epochs = 1 if tiny else 4
     index, x = toy_problem(**shape)
-    cfg = TrainConfig(epochs=epochs, step_size=max(1, epochs // 2), batch_size=4, device="cpu", precision="fp32", seed=0)
+    cfg = TrainConfig(epochs=epochs, step_size=max(1, epochs // 2), batch_size=4, device="cpu", precision="fp32",
+                      seed=0)
     before = strict_fp32(True)
     t0 = time.perf_counter()
     try:
@@ -151,7 +152,7 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
         logits_gpu, params_gpu = one_fold(cfg, x, index, device, epochs)
     finally:
         restore(before)
-    bf16_cfg = dataclasses.replace(cfg, device=device, precision="bf16_emulated")  # bf16 even where emulated (a CPU dry run)
+    bf16_cfg = dataclasses.replace(cfg, device=device, precision="bf16_emulated")  # even where emulated (CPU dry run)
     bf16 = run_loso(x, index, cfg=bf16_cfg, runs_dir=work / "gpu_bf16", progress=False)
     fp32_vs_cpu = compare_runs(gpu, cpu)
     fp32_vs_cpu.update(max_logit_diff=float((logits_gpu - logits_cpu).abs().max()),

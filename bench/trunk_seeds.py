@@ -25,7 +25,8 @@ import pandas as pd
 from amanlib import results, stats
 
 REPO = Path(__file__).resolve().parents[1]
-MAGNET = REPO.parent / "shared" / "reference" / "magnet" / "learning_based_mag.pth.tar"
+REFERENCE = Path(os.environ.get("AMANLIB_REFERENCE", REPO.parent / "shared" / "reference"))
+MAGNET = REFERENCE / "magnet" / "learning_based_mag.pth.tar"
 
 
 def run_trunk(trunk: int, folder: Path) -> float:
@@ -34,21 +35,22 @@ def run_trunk(trunk: int, folder: Path) -> float:
     if "AMANLIB_MAGNET_CHECKPOINT" not in env and MAGNET.exists():
         env["AMANLIB_MAGNET_CHECKPOINT"] = str(MAGNET)
     cmd = [sys.executable, "-m", "amanlib", "run-notebooks", "--only", "01,03,04", "--quiet", "--results",
-           str(folder), "-p", "backbone", "synthetic_macro", "-p", "trunk_seed", str(trunk), "-p", "seeds", f"[{trunk}]"]
+           str(folder), "-p", "backbone", "synthetic_macro", "-p", "trunk_seed", str(trunk),
+           "-p", "seeds", f"[{trunk}]"]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
     return time.perf_counter() - start
 
 
-def pooled_predictions(folders: list[Path]) -> pd.DataFrame:
-    """Every folder's predictions, all variants, as one table whose seeds are the folders' (trunk, seed) pairs."""
-    return pd.concat([results.sweep_predictions(f, results.read_metrics(f)) for f in folders], ignore_index=True)
+def folder_predictions(folder: str | Path) -> pd.DataFrame:
+    """A results folder's predictions, every variant and seed (the runs its metrics.json names)."""
+    return results.sweep_predictions(folder, results.read_metrics(folder))
 
 
-def run_differences(base: Path, other: Path) -> pd.DataFrame:
-    """Per variant and metric: the other run minus the base run on the same clips, with its 95% CI."""
-    a = results.sweep_predictions(base, results.read_metrics(base))
-    b = results.sweep_predictions(other, results.read_metrics(other))
+def run_differences(a: pd.DataFrame, other: str | Path) -> pd.DataFrame:
+    """Per variant and metric: the other folder's run minus the run of predictions `a` on the same clips, with its
+    95% CI."""
+    b = folder_predictions(other)
     rows = []
     for variant in a["variant"].unique():
         both = pd.concat([a[a["variant"] == variant], b[b["variant"] == variant].assign(variant="other")])
@@ -72,7 +74,7 @@ def main(argv=None) -> pd.DataFrame:
     for t, folder in zip(args.trunks, folders):
         if not (folder / "metrics.json").exists():
             print(f"trunk {t}: {run_trunk(t, folder):.0f} s of notebooks into {folder}", flush=True)
-    predictions = pooled_predictions(folders)
+    predictions = pd.concat([folder_predictions(f) for f in folders], ignore_index=True)  # seeds: (trunk, seed)
     pooled = stats.bootstrap_scores(predictions)
     committed = results.read_metrics(args.committed)["ablations"]
     others = {path: results.read_metrics(path)["ablations"] for path in args.compare}
@@ -91,8 +93,9 @@ def main(argv=None) -> pd.DataFrame:
                 entry[f"compare{i}_in_pooled"] = row[f"{metric}_ci_lo"] <= x <= row[f"{metric}_ci_hi"]
             rows.append(entry)
     table = pd.DataFrame(rows)
+    base = folder_predictions(args.committed) if args.compare else None
     for i, path in enumerate(args.compare):
-        diff = run_differences(Path(args.committed), Path(path)).rename(
+        diff = run_differences(base, path).rename(
             columns={c: f"compare{i}_{c}" for c in ("diff", "diff_lo", "diff_hi")})
         table = table.merge(diff, on=["variant", "metric"], how="left")
     diffs = pd.DataFrame(stats.paired_comparisons(predictions))

@@ -82,8 +82,8 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, monkeypatch):
         return f
 
     monkeypatch.setattr(train.AMAN, "pool", recording_pool)
-    res = run_loso(toy_maps(index, K=1), index, cfg=TrainConfig(epochs=1, device="cpu", precision="bf16_emulated"), runs_dir=tmp_path,
-                   progress=False)
+    cfg = TrainConfig(epochs=1, device="cpu", precision="bf16_emulated")
+    res = run_loso(toy_maps(index, K=1), index, cfg=cfg, runs_dir=tmp_path, progress=False)
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert np.isfinite(np.stack(res.predictions.alpha)).all()
 
