@@ -164,3 +164,29 @@ def test_motion_bins_keep_equal_motions_together():
     assert names == ["small", "mid", "large"] and codes.tolist() == [2, 0, 0, 1, 1, 2]
     assert stats.motion_bins([1, 1, 1, 1, 2, 3], 3)[0].tolist() == [0, 0, 0, 0, 2, 2]  # ties: mid is left empty
     assert stats.motion_bins([1, 2, 3, 4], 4)[1] == ["bin 1 of 4", "bin 2 of 4", "bin 3 of 4", "bin 4 of 4"]
+
+
+def test_the_headroom_bound_finds_a_planted_crossing_and_shuffled_bins_do_not():
+    """bench/adaptation_headroom.py: where factor 2 is right on the small motions only and factor 4 on the large
+    ones, the bound gives each half its factor and scores every clip right; bins of shuffled peaks cannot."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "adaptation_headroom", Path(__file__).resolve().parents[1] / "bench" / "adaptation_headroom.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    p = simulate(rng, {"single factor 2": 1.0, "single factor 4": 1.0}, n_subjects=8, clips=6, seeds=(0, 1))
+    p = p.astype({"subject": str, "clip": str})
+    clips = p.drop_duplicates(["subject", "clip"])
+    peak = pd.Series(rng.uniform(0.1, 3.0, len(clips)), index=pd.MultiIndex.from_frame(clips[["subject", "clip"]]))
+    small = peak.loc[list(zip(p["subject"], p["clip"]))].to_numpy() <= peak.median()
+    wrong = (p["gt"] + 1) % 3
+    p["pred"] = np.where((p["variant"] == "single factor 2") == small, p["gt"], wrong)  # each factor right on its half
+    singles = ["single factor 2", "single factor 4"]
+    bound, picks = bench.binned_choice(p, peak, singles, 2)
+    assert picks == ["2", "4"] and len(bound) == len(p) // 2
+    assert (bound["gt"] == bound["pred"]).all()
+    assert bench._uf1(bound) == 1.0
+    assert (bench.shuffled_bounds(p, peak, singles, 2, shuffles=20) < 0.9).all()
