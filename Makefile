@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JUPYTER_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: setup reproduce reproduce-wide reproduce-lagrangian test test-fast bench clean wheelhouse gpu-dry-run
+.PHONY: setup reproduce reproduce-wide reproduce-phase reproduce-lagrangian test test-fast bench clean wheelhouse gpu-dry-run
 
 setup: $(STAMP)
 
@@ -42,6 +42,13 @@ reproduce-wide: $(STAMP)
 		$(PY) -m amanlib run-notebooks $(PINNED) -p synthetic_regime wide --results results/wide $(ARGS)
 	$(PY) -m amanlib readme
 
+# The wide regime magnified by the phase-based method, whose over-magnification wraps the phase and so loses the
+# motion, into results/phase (README: the synthetic regimes); `amanlib readme` states its verdict beside the others.
+reproduce-phase: $(STAMP)
+	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \
+		$(PY) -m amanlib run-notebooks $(PINNED) -p synthetic_regime wide -p magnifier phase --results results/phase $(ARGS)
+	$(PY) -m amanlib readme
+
 # AMAN with Lagrangian magnification on the same default (AMAN only), into results/lagrangian; `amanlib readme` states
 # its difference from the learning-based default with a paired CI (README: magnifiers against the truth).
 reproduce-lagrangian: $(STAMP)
@@ -67,7 +74,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) results/notebooks results/figures results/bench results/work results/metrics.json results/wide \
-		results/lagrangian results/gpu results/gpu_smoke wheelhouse .gpu_site .pytest_cache
+		results/phase results/lagrangian results/gpu results/gpu_smoke wheelhouse .gpu_site .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # The GPU run (issue 23): `make wheelhouse` downloads here the wheels that the GPU machine's image lacks for the kit

@@ -52,10 +52,10 @@ def _score(args) -> None:
 
 def _readme(args) -> None:
     from . import timing
-    from .report import magnifiers_markdown, render_readme
+    from .report import REGIME_FOLDERS, magnifiers_markdown, render_readme
     from .results import read_metrics
-    wide = Path(args.results) / "wide"
-    others = [read_metrics(wide)] if (wide / "metrics.json").is_file() else []
+    folders = [Path(args.results) / name for name in REGIME_FOLDERS]
+    others = [read_metrics(folder) for folder in folders if (folder / "metrics.json").is_file()]
     changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results), others,
                             magnifiers_markdown(args.results))
     state = "updated" if changed else "already up to date"

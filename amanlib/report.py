@@ -163,6 +163,8 @@ def regime_verdict(metrics: dict) -> str:
         said.append(f"mechanism rho undefined ({m['undefined']})" if m.get("undefined") else
                     f"mechanism rho {m['spearman_r']:+.2f} [{m['ci'][0]:+.2f}, {m['ci'][1]:+.2f}]")
     regime = metrics.get("synthetic_regime") or metrics["dataset"]
+    if metrics.get("magnifier", "learning") != "learning":
+        regime += f", {metrics['magnifier']} magnification"
     return f"**{regime}** ({metrics['clips']} clips, {metrics['subjects']} subjects; UF1): " + "; ".join(said) + "."
 
 
@@ -207,7 +209,11 @@ def magnifier_text(comparison: dict) -> str:
 
 README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
 TIMING_START, TIMING_END = "<!-- timing: rendered from results/timing.json -->", "<!-- end of timing -->"
-REGIMES_START = "<!-- regimes: rendered from results/metrics.json and results/wide/metrics.json -->"
+REGIME_FOLDERS = ("wide", "phase")
+"""The results folders beside the default whose verdicts README states after the default's (make reproduce-wide,
+make reproduce-phase), each when it holds a run."""
+REGIMES_START = ("<!-- regimes: rendered from results/metrics.json, results/wide/metrics.json and "
+                 "results/phase/metrics.json -->")
 
 
 REGIMES_END = "<!-- end of regimes -->"
@@ -229,7 +235,7 @@ DIFFERENCES_END = "<!-- end of differences -->"
 def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None, others: list[dict] = (),
                   magnifiers: str | None = None) -> bool:
     """Replace README's results table, its timing table (when `timing`, a results/timing.json, is given), its
-    verdict per synthetic regime (metrics and `others`, e.g. results/wide/metrics.json), its magnifiers block (when
+    verdict per synthetic regime (metrics and `others`, e.g. those of REGIME_FOLDERS), its magnifiers block (when
     `magnifiers`, its markdown, is given) and its table of differences from the authors' code (each between its
     markers) by the ones rendered from metrics, timing and amanlib.fidelity; True if README changed."""
     from . import timing as timings

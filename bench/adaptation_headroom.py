@@ -11,7 +11,7 @@ bound with the peaks shuffled across clips (bins that know nothing of the motion
 what selection on noise alone gives, and the share of shuffles whose bound reaches the real one (p). Writes
 results/bench/adaptation_headroom.csv.
 
-    python bench/adaptation_headroom.py results results/wide
+    python bench/adaptation_headroom.py results results/wide results/phase
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def headroom(folder: Path, bins=(3, 5, 10), shuffles: int = 100) -> pd.DataFrame
         calibration = {"shuffled_minus_best_uf1": float(null.mean() - single),
                        "p_shuffled": float((1 + (null >= real).sum()) / (1 + len(null)))}
         for r in stats.paired_comparisons(pair, reference="binned choice", n_permutations=1):
-            rows.append({"folder": _shown(folder), "regime": metrics.get("synthetic_regime"), "bins": n,
+            rows.append({"folder": _shown(folder), "regime": metrics.get("synthetic_regime"),
+                         "magnifier": metrics.get("magnifier"), "bins": n,
                          "factors_by_bin": " ".join(picks), "best_single": best, "metric": r["metric"],
                          "bound_minus_best": r["diff"], "ci_lo": r["ci"][0], "ci_hi": r["ci"][1], **calibration})
     return pd.DataFrame(rows)
@@ -104,7 +105,8 @@ def headroom(folder: Path, bins=(3, 5, 10), shuffles: int = 100) -> pd.DataFrame
 
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", nargs="*", default=[str(REPO / "results"), str(REPO / "results" / "wide")])
+    p.add_argument("folders", nargs="*", default=[str(REPO / "results"), str(REPO / "results" / "wide"),
+                                                  str(REPO / "results" / "phase")])
     p.add_argument("--shuffles", type=int, default=100, help="permutations of the peaks for the calibration")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "adaptation_headroom.csv"))
     args = p.parse_args(argv)

@@ -8,16 +8,18 @@ import pytest
 
 from amanlib import timing
 from amanlib import stats
-from amanlib.report import readme_table, render_readme
+from amanlib.report import REGIME_FOLDERS, readme_table, render_readme
 from amanlib.results import protocol_gap
 from amanlib.runtime import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = json.loads((REPO / "results" / "metrics.json").read_text())
 WIDE = json.loads((REPO / "results" / "wide" / "metrics.json").read_text())  # make reproduce-wide
+PHASE = json.loads((REPO / "results" / "phase" / "metrics.json").read_text())  # make reproduce-phase
+OTHERS = [WIDE, PHASE]  # in the order of REGIME_FOLDERS, as `amanlib readme` renders them
 
 
-@pytest.mark.parametrize("m", [METRICS, WIDE], ids=["default", "wide"])
+@pytest.mark.parametrize("m", [METRICS, WIDE, PHASE], ids=["default", "wide", "phase"])
 def test_metrics_json_schema(m):
     assert m["seeds"] and all(isinstance(s, int) for s in m["seeds"])
     assert m["label_protocol"] and m["epoch_selection"] in ("fixed", "inner_val", "paper")
@@ -80,11 +82,14 @@ def check_oracle_and_by_motion(m: dict) -> None:
 def test_readme_table_is_the_committed_metrics(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text((REPO / "README.md").read_text())
-    assert not render_readme(readme, METRICS, others=[WIDE]), \
-        "README's results table or regimes differ from results/metrics.json and results/wide/metrics.json: run " \
+    assert not render_readme(readme, METRICS, others=OTHERS), \
+        "README's results table or regimes differ from results/metrics.json and those of REGIME_FOLDERS: run " \
         "`.venv/bin/python -m amanlib readme`"
     assert readme_table(METRICS) in (REPO / "README.md").read_text()
-    assert [WIDE["synthetic_regime"], METRICS["synthetic_regime"]] == ["wide", "narrow"]
+    assert [(m["synthetic_regime"], m["magnifier"]) for m in (METRICS, *OTHERS)] == [
+        ("narrow", "learning"), ("wide", "learning"), ("wide", "phase")]
+    assert REGIME_FOLDERS == ("wide", "phase")
+    assert "**wide, phase magnification**" in (REPO / "README.md").read_text()
 
 
 def test_readme_timing_is_the_committed_timing(tmp_path):
@@ -93,7 +98,7 @@ def test_readme_timing_is_the_committed_timing(tmp_path):
     assert set(committed["notebooks"]) == {p.stem for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")}
     readme = tmp_path / "README.md"
     readme.write_text((REPO / "README.md").read_text())
-    assert not render_readme(readme, METRICS, committed, [WIDE]), \
+    assert not render_readme(readme, METRICS, committed, OTHERS), \
         "README's timing table differs from results/timing.json: run `.venv/bin/python -m amanlib readme`"
     assert timing.markdown(committed) in (REPO / "README.md").read_text()
 

@@ -10,7 +10,8 @@ model with large expressions, a stand-in for FER+ when pre-training the feature 
 
 Two regimes (`SYNTHETIC_REGIMES`) set the range of motion: `narrow` (0.3-2 px across subjects, the default) and
 `wide` (0.1-8 px: motions 40x apart, as across the composite's datasets, recording set-ups and intensities).
-Neither makes adapting the factor pay for the kit's pipeline (README: the synthetic regimes, measured).
+Neither makes adapting the factor pay for the kit's pipeline, with the learning-based magnifier or the phase-based
+one (README: the synthetic regimes, measured).
 """
 from __future__ import annotations
 
