@@ -39,7 +39,8 @@ def folder_truth(folder: Path) -> pd.DataFrame:
     return truth
 
 
-def binned_choice(predictions: pd.DataFrame, peak: pd.Series, singles: list[str], n_bins: int) -> tuple[pd.DataFrame, list[str]]:
+def binned_choice(predictions: pd.DataFrame, peak: pd.Series, singles: list[str],
+                  n_bins: int) -> tuple[pd.DataFrame, list[str]]:
     """The predictions of the bound with n_bins bins (variant "binned choice") and each bin's chosen factor."""
     codes, _ = stats.motion_bins(peak.to_numpy(), n_bins)
     bin_of = pd.Series(codes, index=peak.index)
@@ -85,14 +86,15 @@ def headroom(folder: Path, bins=(3, 5, 10), shuffles: int = 100) -> pd.DataFrame
     singles = stats.single_factors(predictions["variant"].unique())
     if len(singles) < 2:
         raise SystemExit(f"{folder}: fewer than 2 single-factor variants (run notebook 04 with ablations)")
-    summary = stats.bootstrap_scores(predictions[predictions["variant"].isin(singles)])
-    best = stats.best_single_factor(summary)
+    single_runs = predictions[predictions["variant"].isin(singles)]
+    best = stats.best_single_factor(stats.bootstrap_scores(single_runs))
+    best_runs = predictions[predictions["variant"] == best]
     rows = []
     for n in bins:
-        bound, picks = binned_choice(predictions[predictions["variant"].isin(singles)], peak, singles, n)
-        pair = pd.concat([bound, predictions[predictions["variant"] == best]])
-        null = shuffled_bounds(predictions[predictions["variant"].isin(singles)], peak, singles, n, shuffles)
-        real, single = _uf1(bound), _uf1(pair[pair["variant"] == best])
+        bound, picks = binned_choice(single_runs, peak, singles, n)
+        pair = pd.concat([bound, best_runs])
+        null = shuffled_bounds(single_runs, peak, singles, n, shuffles)
+        real, single = _uf1(bound), _uf1(best_runs)
         calibration = {"shuffled_minus_best_uf1": float(null.mean() - single),
                        "p_shuffled": float((1 + (null >= real).sum()) / (1 + len(null)))}
         for r in stats.paired_comparisons(pair, reference="binned choice", n_permutations=1):
@@ -110,6 +112,8 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--shuffles", type=int, default=100, help="permutations of the peaks for the calibration")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "adaptation_headroom.csv"))
     args = p.parse_args(argv)
+    if args.shuffles < 1:
+        p.error(f"--shuffles must be at least 1, got {args.shuffles}")
     table = pd.concat([headroom(Path(f), shuffles=args.shuffles) for f in args.folders], ignore_index=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
