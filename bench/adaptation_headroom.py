@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score
 
 from amanlib import results, stats
+from amanlib.metrics import uf1
 from amanlib.data import truth_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _shown(folder: Path) -> str:
 
 def _uf1(predictions: pd.DataFrame) -> float:
     """Seed-mean UF1 over all clips, as notebook 04 scores a variant."""
-    return float(np.mean([f1_score(g["gt"], g["pred"], average="macro") for _, g in predictions.groupby("seed")]))
+    return float(np.mean([uf1(g["gt"], g["pred"]) for _, g in predictions.groupby("seed")]))
 
 
 def shuffled_bounds(predictions: pd.DataFrame, peak: pd.Series, singles: list[str], n_bins: int, shuffles: int,
