@@ -53,7 +53,7 @@ reproduce-phase: $(STAMP)
 # its difference from the learning-based default with a paired CI (README: magnifiers against the truth).
 reproduce-lagrangian: $(STAMP)
 	AMANLIB_MAGNET_CHECKPOINT="$${AMANLIB_MAGNET_CHECKPOINT:-$$(test -f $(MAGNET_REF) && echo $(MAGNET_REF))}" \
-		$(PY) -m amanlib run-notebooks $(PINNED) -p magnifier lagrangian -p ablations false --results results/lagrangian $(ARGS)
+		$(PY) -m amanlib run-notebooks $(PINNED) -p magnifier lagrangian -p variants "[AMAN]" --results results/lagrangian $(ARGS)
 	$(PY) -m amanlib readme
 
 test: $(STAMP)
@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(PY) bench/precision.py
 	$(PY) bench/train.py
 	$(PY) bench/sweep.py --loop-runs 4
+	$(PY) bench/side_by_side.py
 	$(PY) bench/pretrain.py
 	$(PY) bench/flops.py
 	$(PY) bench/memory.py

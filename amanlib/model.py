@@ -6,6 +6,7 @@ checkpoints load as they are. In train mode layer4's BatchNorms see, as in the a
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from .batchnorm import batch_groups, use_group_batch_norm
+from .batchnorm import GroupBatchNorm2d, batch_groups, use_group_batch_norm
 from .checkpoints import check_architecture, read_state_dict
 
 LAYER4_BN = ("per_slice", "joint")
@@ -23,6 +24,38 @@ def make_layer4(in_channels: int = 256) -> nn.Sequential:
     """ResNet-18 layer4: two BasicBlocks, in_channels -> 512, stride 2 (torchvision naming)."""
     downsample = nn.Sequential(conv1x1(in_channels, 512, stride=2), nn.BatchNorm2d(512))
     return nn.Sequential(BasicBlock(in_channels, 512, stride=2, downsample=downsample), BasicBlock(512, 512))
+
+
+def side_by_side(module: nn.Module, copies: int, device=None) -> nn.Module:
+    """`copies` independent copies of a module made of torchvision blocks, as one module on copies * C channels: copy
+    m owns channels m*C to (m+1)*C of every tensor, each convolution is grouped by copy and each BatchNorm spans every
+    copy's channels (so its statistics stay per copy). One call runs M models on their own inputs [n, M*C_in, H, W].
+    The new weights are left uninitialised on `device`: fill them per copy (load_copy)."""
+    new = copy.deepcopy(module).to("meta")
+    for parent in new.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, name, nn.Conv2d(copies * child.in_channels, copies * child.out_channels,
+                                                child.kernel_size, child.stride, child.padding, child.dilation,
+                                                copies * child.groups, child.bias is not None, device="meta"))
+            elif isinstance(child, nn.BatchNorm2d):
+                wide = nn.BatchNorm2d(copies * child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats, device="meta")
+                setattr(parent, name, GroupBatchNorm2d.adopt(wide, child.batch_stats)
+                        if isinstance(child, GroupBatchNorm2d) else wide)
+    return new.to_empty(device=device or "cpu")
+
+
+@torch.no_grad()
+def load_copy(wide: nn.Module, m: int, module: nn.Module) -> None:
+    """Put `module`'s weights and BatchNorm statistics into copy m of its side_by_side form `wide`."""
+    state = wide.state_dict()
+    for name, value in module.state_dict().items():
+        if name.endswith("num_batches_tracked"):  # one count for all copies: they take every step together
+            state[name].copy_(value)
+        else:
+            target = state[name]
+            target.view(-1, value.numel())[m].copy_(value.flatten())
 
 
 def attention_weights(scores: torch.Tensor, on, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from .executors import EXECUTORS, setting_problems
 from .fidelity import FIDELITIES, PRESETS, preset_name
 from .magnify import METHODS as MAGNIFIERS
 from .runtime import PRECISIONS, device_available, mps_available, resolve_precision
-from .train import EPOCH_SELECTIONS, TrainConfig
+from .train import EPOCH_SELECTIONS, SINGLE_FACTOR, VARIANT_NAMES, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def _describe_kind(p: Param) -> str:
 def _factors_magnify(factors) -> bool:
     """None, or factors without repeats of which at least 2 magnify (with one, AMAN is that single factor)."""
     return factors is None or (len(set(factors)) == len(factors) and sum(f != 1 for f in factors) >= 2)
+
+
+def _variant_names(names) -> bool:
+    """Names of train.ablation_variants' variants, without repeats (which factors exist is checked by notebook 04)."""
+    return len(set(names)) == len(names) and all(n in VARIANT_NAMES or SINGLE_FACTOR.fullmatch(n) for n in names)
 
 
 def _training(name: str, help: str) -> Param:
@@ -232,7 +237,12 @@ _PARAMS = [
           "auto: frozen on a CPU, the full model on an accelerator", choices=("auto",)),
     Param("seeds", Kind.INTS, [0, 1, 2, 3, 4], (_TRAIN,), "training seeds: every variant is trained once per seed",
           min=0, rule=lambda v: len(set(v)) == len(v), rule_text="without repeats"),
-    Param("ablations", Kind.BOOL, True, (_TRAIN,), "also train the ablation variants"),
+    Param("variants", Kind.STRS, None, (_TRAIN,),
+          "variants to train, by name: AMAN, magnification attention only, frame attention only, no magnification, "
+          "single factor F (a factor of the features, e.g. 'single factor 12'); a single factor among them brings the "
+          "oracle on the synthetic set; ['AMAN']: AMAN alone; None: all", none_ok=True, rule=_variant_names,
+          rule_text="names without repeats, each AMAN, magnification attention only, frame attention only, "
+                    "no magnification or single factor F"),
     # 03 and 04: where the work runs
     Param("executor", Kind.CHOICE, "local", (_FEAT, _TRAIN),
           "local: this process; ray: Ray tasks (clips, folds, sweep chunks) on a local instance or ray_address",
@@ -259,6 +269,7 @@ RENAMED = {
     "factors": {_MAG: "sweep_factors"},
     "seed": {_DATA: "data_seed", _FEAT: "trunk_seed"},
     "amp": {_TRAIN: "precision"},
+    "ablations": {_TRAIN: "variants"},
 }
 
 

@@ -1,14 +1,16 @@
-"""Every LOSO fold x variant x seed of the frozen-layer4 path trained as one batched program.
+"""Every LOSO fold x variant x seed trained as batched programs: the frozen-layer4 path's heads, and the full models.
 
-Model m is the model `run_loso` trains for its (variant, seed) and fold: the same initial head (drawn from the fold's
-seed), the same shuffles, the same optimiser and schedule (torch.optim over the heads' parameters stacked over
+Model m is the model `run_loso` trains for its (variant, seed) and fold: the same initial weights (drawn from the
+fold's seed), the same shuffles, the same optimiser and schedule (torch.optim over the parameters stacked over
 models), up to float rounding (the same sums are taken in another order; tests/test_sweep.py bounds the difference).
 Gradients are autograd's. AMAN's head runs on projections: it only ever needs 2 + C projections of each (frame, slot)
 feature vector, so each step gathers feature rows chunk by chunk into cache for one matmul (_Project, whose gradient
 is the matmul's), each fold's standardisation folded into its models' weights; models that read the same rows (a
 seed's variants over the same slots) gather them once. A custom head (`head=`) runs vmapped over the gathered
-features. Finished (variant, seed) runs go into the keyed folders `run_loso` uses, so a re-run (with either engine)
-skips them.
+features. Full models (trunk maps [N, F, K, C, H, W]) run their layer4s side by side as one module of grouped
+convolutions (model.side_by_side; _FullProgram), one program per number of training clips so that BatchNorm sees
+each model's own batches. Finished (variant, seed) runs go into the keyed folders `run_loso` uses, so a re-run (with
+either engine) skips them.
 """
 from __future__ import annotations
 
@@ -27,16 +29,24 @@ from torch.func import functional_call, stack_module_state, vmap
 from .cache import Entry, key_of
 from .executors import as_executor
 from .metrics import uf1
-from .model import AMANHead, attend, head_projection
+from .batchnorm import batch_groups
+from .model import AMANHead, attend, head_projection, load_copy, side_by_side
 from .oracle import ORACLE_TARGET_PX, oracle_choice, oracle_name
 from .results import LOSOResult
-from .runtime import progress_bar, resolve_device
+from .runtime import autocast, progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, ablation_variants, check_finite, check_head,
                     check_index, choose_epoch, clip_names, diverged, finish_run, fold_seed, inner_val_subject,
-                    loso_folds, make_head, make_loss, make_optimizer, model_name, prepare_features, repair_advice,
-                    run_inputs, run_loso, standardisation, unpack_features)
+                    loso_folds, make_head, make_loss, make_model, make_optimizer, model_name, prepare_features,
+                    place_features, repair_advice, run_inputs, standardisation, training_dtype, unpack_features)
 
 PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
+# Full models of one program at most, and trunk maps through their layer4s per call (about 1.5 MB each in training).
+# Each model keeps layer4's 8.4M weights with their gradients and optimiser state (about 0.1 GB). A CPU loses by
+# putting models side by side (bench/side_by_side.py, the synthetic default's shape, bf16 on AVX512-BF16: a model's
+# step took 158 ms alone, 166 ms among 4, 178 ms among 8), so it trains one at a time; an accelerator gains one
+# launch of each kernel for all models instead of one per model.
+FULL_MODELS, FULL_MAPS = 1, 2 ** 8
+ACCELERATOR_FULL_MODELS, ACCELERATOR_FULL_MAPS = 256, 2 ** 13
 CHUNK_ELEMENTS = 2 ** 20  # floats of gathered features per matmul on a CPU (4 MB: stays in cache; measured)
 ACCELERATOR_CHUNK_ELEMENTS = 2 ** 26  # the same on an accelerator, where fewer and larger matmuls win
 
@@ -66,11 +76,11 @@ def run_sweep(features, index: pd.DataFrame, *, cfg: TrainConfig | None = None, 
               progress: bool = True, executor="local", head=None) -> SweepResult:
     """Train every variant (default: the paper's ablations) with every seed under LOSO; one progress bar.
 
-    Pooled features (the frozen-layer4 path) train as batched programs of (variant, seed) models; 6-D features
-    (the full model) go through run_loso per (variant, seed). `cfg.seed` is replaced by each seed. `executor`
-    ('local', 'ray' or an amanlib.executors Executor) runs the programs, or run_loso's folds; this process
-    writes every run. `head`: a custom head as run_loso takes it (pooled features only; None: AMAN's), trained by
-    torch.func over the stacked copies; run_loso with the same head gives the same predictions.
+    Pooled features (the frozen-layer4 path) and 6-D trunk maps (the full model) train as batched programs of
+    (variant, seed, fold) models. `cfg.seed` is replaced by each seed. `executor` ('local', 'ray' or an
+    amanlib.executors Executor) runs the programs; this process writes every run. `head`: a custom head as run_loso
+    takes it (pooled features only; None: AMAN's), trained by torch.func over the stacked copies; run_loso with the
+    same head gives the same predictions.
     """
     cfg = cfg or TrainConfig()
     seeds = _seeds(seeds)
@@ -93,14 +103,8 @@ def run_sweep(features, index: pd.DataFrame, *, cfg: TrainConfig | None = None, 
     with progress_bar(total=len(jobs) * len(folds), desc="training (variants x seeds x folds)",
                       disable=not progress) as bar, as_executor(executor) as ex:
         try:
-            if tensor.dim() == 6:  # the full model: layer4 trains, one fold at a time
-                keyed = Keyed(tensor, key, factors, repair_advice(features))
-                runs = {(v.name, s): run_loso(keyed, index, cfg=c, runs_dir=runs_dir, progress=progress, bar=bar,
-                                              executor=ex)
-                        for v, s, c in jobs}
-            else:
-                runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar,
-                                    repair_advice(features), ex, head)
+            runs = _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar,
+                                repair_advice(features), ex, head)
         except TrainingDiverged as e:  # name the variant, which a run's config does not hold
             variant = next((v.name for v, _, c in jobs if c == e.cfg), None)
             if variant is None:
@@ -206,11 +210,18 @@ def _run_batched(tensor, key, factors, labels, index, folds, jobs, runs_dir, bar
             for i in sorted(todo, key=lambda i: entries[i].key):  # one lock order: no deadlock between sweeps
                 stack.enter_context(entries[i].writing())
             todo = [i for i in todo if not entries[i].done]  # another run may have finished some meanwhile
-            fits = [fit for i in todo for _, fit in _splits(index, folds, jobs[i][2])]
-            source = _source(tensor, fits, device if ex.name == "local" else "cpu") if todo else None
-            programs = _programs(todo, jobs, tensor.shape[2], len(folds), head not in (None, AMANHead))
+            place = device if ex.name == "local" else torch.device("cpu")  # a Ray task places its own copy
+            full_models, maps_per_call = (FULL_MODELS, FULL_MAPS) if device.type == "cpu" else \
+                (ACCELERATOR_FULL_MODELS, ACCELERATOR_FULL_MAPS)
+            if tensor.dim() == 6:  # the full models read the trunk maps as they are
+                source = place_features(tensor, place)
+            else:
+                fits = [fit for i in todo for _, fit in _splits(index, folds, jobs[i][2])]
+                source = _source(tensor, fits, place) if todo else None
+            programs = _programs(todo, jobs, tensor.shape, len(folds), head not in (None, AMANHead), full_models,
+                                 maps_per_call)
             shared = {"source": source, "labels": labels, "index": index, "folds": folds, "num_classes": num_classes,
-                      "head": head}
+                      "head": head, "full_models": full_models, "maps_per_call": maps_per_call}
             ticks = _EpochTicks(bar)
             if ex.name == "local":  # the bar moves every epoch, so its ETA shows early (a Ray task cannot reach it)
                 shared["on_epoch"] = ticks
@@ -255,18 +266,24 @@ def _splits(index: pd.DataFrame, folds, cfg: TrainConfig) -> list[tuple[np.ndarr
     return out
 
 
-def _programs(todo: list[int], jobs, n_factors: int, n_folds: int, custom: bool) -> list[list[int]]:
+def _programs(todo: list[int], jobs, shape, n_folds: int, custom: bool, full_models: int = 0,
+              maps_per_call: int = 0) -> list[list[int]]:
     """The jobs to train together: as many factor slots each (so every model gathers as many feature rows), with a
-    custom head the same attention switches too (they are its attributes), at most PROGRAM_MODELS models, a seed's
-    configs next to each other."""
+    custom head the same attention switches too (they are its attributes), a seed's configs next to each other; at
+    most PROGRAM_MODELS heads, or full_models full models (features of shape [N, F, K, C, H, W]) sending at most
+    maps_per_call maps a step through layer4."""
     groups: dict[tuple, list[int]] = {}
     for i in sorted(todo, key=lambda i: jobs[i][2].seed):  # a seed's variants side by side: they can share rows
         cfg = jobs[i][2]
         switches = (cfg.use_alpha, cfg.use_beta) if custom else ()
-        groups.setdefault((len(_slots(cfg, n_factors)), *switches), []).append(i)
-    per_program = max(1, PROGRAM_MODELS // n_folds)
-    return [members[start:start + per_program] for members in groups.values()
-            for start in range(0, len(members), per_program)]
+        groups.setdefault((len(_slots(cfg, shape[2])), *switches), []).append(i)
+    out = []
+    for (slots, *_), members in groups.items():
+        models = PROGRAM_MODELS if len(shape) == 4 else \
+            _full_size(jobs[members[0]][2], full_models, maps_per_call, shape[1], slots)
+        per_program = max(1, models // n_folds)
+        out += [members[start:start + per_program] for start in range(0, len(members), per_program)]
+    return out
 
 
 @dataclass
@@ -443,35 +460,146 @@ def _padded(rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(index).to(device), torch.from_numpy(mask).to(device)
 
 
+def _models(index, folds, cfgs) -> list[dict]:
+    """One model per fold and config: its seed (run_loso's for the fold), test, inner validation and training rows."""
+    splits = [_splits(index, folds, cfg) for cfg in cfgs]
+    return [{"cfg": cfg, "fold": fold, "i": i, "j": j, "seed": fold_seed(cfg, i), "test": test_rows, "fit": fit,
+             "val": val, "steps": -(-len(fit) // cfg.batch_size)}
+            for i, (fold, test_rows, _) in enumerate(folds) for j, (cfg, split) in enumerate(zip(cfgs, splits))
+            for val, fit in [split[i]]]
+
+
 def _build(source: _Source, index, folds, cfgs, num_classes, device, head):
     """Per model, its rows, initial head (drawn as run_loso draws it for the fold's seed), attention switches and
     standardisation, ordered by batches per epoch (_Heads' step groups) -> (models, program)."""
-    splits = [_splits(index, folds, cfg) for cfg in cfgs]
     n_frames, n_factors = source.shape[1:]
-    models, modules = [], {}
-    for i, (fold, test_rows, _) in enumerate(folds):
-        for j, (cfg, split) in enumerate(zip(cfgs, splits)):
-            seed = fold_seed(cfg, i)
-            if (seed, cfg.use_alpha, cfg.use_beta) not in modules:
-                modules[seed, cfg.use_alpha, cfg.use_beta] = make_head(head, cfg, num_classes, n_frames,
-                                                                       len(_slots(cfg, n_factors)), seed)
-            val, fit = split[i]
-            models.append({"cfg": cfg, "fold": fold, "i": i, "j": j, "seed": seed, "test": test_rows, "fit": fit,
-                           "val": val, "head": modules[seed, cfg.use_alpha, cfg.use_beta],
-                           "group": source.groups[fit.tobytes()], "steps": -(-len(fit) // cfg.batch_size)})
+    models, modules = _models(index, folds, cfgs), {}
+    for d in models:
+        cfg, seed = d["cfg"], d["seed"]
+        if (seed, cfg.use_alpha, cfg.use_beta) not in modules:
+            modules[seed, cfg.use_alpha, cfg.use_beta] = make_head(head, cfg, num_classes, n_frames,
+                                                                   len(_slots(cfg, n_factors)), seed)
+        d["head"], d["group"] = modules[seed, cfg.use_alpha, cfg.use_beta], source.groups[d["fit"].tobytes()]
     models.sort(key=lambda d: d["steps"])  # stable: models that read the same rows stay side by side
     projected = head in (None, AMANHead)
     heads = _Heads([d["head"] for d in models], np.array([d["steps"] for d in models]), projected, device)
     slots = torch.tensor([_slots(d["cfg"], n_factors) for d in models])  # M, K'
     base = torch.arange(n_frames)[None, :, None] * n_factors + slots[:, None]  # M, F, K'
     group = torch.tensor([d["group"] for d in models], device=device)
-    on = lambda name: torch.tensor([getattr(d["cfg"], name) for d in models], device=device)  # noqa: E731
     chunk = CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     program = _Program(heads, None if projected else models[0]["head"].to(device),
-                       on("use_alpha")[:, None, None, None], on("use_beta")[:, None, None], base[:, None].to(device),
+                       _switch(models, "use_alpha", device)[:, None, None, None],
+                       _switch(models, "use_beta", device)[:, None, None], base[:, None].to(device),
                        int(np.prod(source.shape)) + group, source.scale[group][:, None],
                        _Gather(source, _sharing(models, n_factors), chunk))
     return models, program
+
+
+def _switch(models, name: str, device) -> torch.Tensor:
+    """An attention switch of every model: M bool."""
+    return torch.tensor([getattr(d["cfg"], name) for d in models], device=device)
+
+
+class _Stack:
+    """The parameters of M full models for torch.optim: layer4 side by side (model.side_by_side) and the head's
+    projection stacked over models (weight M, J, 512 and bias M, J). The models of a full program train on as many
+    clips, so every one takes every step."""
+
+    def __init__(self, layer4: nn.Module, weight: torch.Tensor, bias: torch.Tensor, steps: int):
+        self.layer4, self.head, self.last = layer4, {"weight": weight, "bias": bias}, np.array([steps])
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """name -> M, ...: every model's parameters."""
+        M = len(self.head["weight"])
+        return {**{n: p.view(M, -1) for n, p in self.layer4.named_parameters()}, **self.head}
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [*self.layer4.parameters(), *self.head.values()]
+
+    def step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class _FullProgram:
+    """M full models (AMAN with its layer4, as run_loso trains it on trunk maps) as one program: each call gathers
+    every model's clips at its factor slots into one tensor [L*F*K', M*C, 14, 14] for the side-by-side layer4, pools,
+    and applies each model's head to the projections of its pooled vectors (model.attend). The models of one program
+    train on as many clips, so their batches have one size and BatchNorm sees exactly the clips run_loso's sees."""
+
+    heads: _Stack
+    maps: torch.Tensor  # N, F, K, C, H, W
+    slots: torch.Tensor  # M, K' (on the maps' device)
+    alpha_on: torch.Tensor  # M, 1, 1, 1 bool
+    beta_on: torch.Tensor  # M, 1, 1 bool
+    bn_groups: int  # BatchNorm batches per call: the F*K' slices (per_slice) or 1 (joint)
+    dtype: torch.dtype | None  # autocast (train.training_dtype)
+    channels_last: bool
+    maps_per_call: int  # in eval, clips are taken in chunks of at most this many maps
+
+    def train(self, mode: bool) -> None:
+        self.heads.layer4.train(mode)
+
+    def __call__(self, clips: torch.Tensor):
+        """clips M, L -> logits M, L, C, alpha M, L, F, K', beta M, L, F."""
+        per_clip = clips.shape[0] * self.maps.shape[1] * self.slots.shape[1]
+        step = clips.shape[1] if self.heads.layer4.training else max(1, self.maps_per_call // per_clip)
+        parts = [self._forward(clips[:, s:s + step]) for s in range(0, clips.shape[1], step)]
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(p, 1) for p in zip(*parts))
+
+    def _forward(self, clips: torch.Tensor):
+        (M, L), (F, K) = clips.shape, (self.maps.shape[1], self.slots.shape[1])
+        on = self.maps.device
+        x = self.maps[clips.T.to(on)[:, None, None], torch.arange(F, device=on)[None, :, None, None],
+                      self.slots.T[None, None]]  # L, F, K', M, C, H, W: model m's maps are channels m*C..(m+1)*C
+        device = self.alpha_on.device
+        x = x.to(device, torch.float32, non_blocking=True).flatten(0, 2).flatten(1, 2)  # L*F*K', M*C, H, W
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = self.heads.head["weight"], self.heads.head["bias"]
+        with autocast(device, self.dtype), batch_groups(self.heads.layer4, self.bn_groups):
+            f = self.heads.layer4(x).mean((2, 3)).view(L * F * K, M, -1).transpose(0, 1)  # M, L*F*K', 512
+            z = torch.baddbmm(bias[:, None], f, weight.transpose(1, 2))  # M, L*F*K', J
+        return attend(z.view(M, L, F, K, -1), self.alpha_on, self.beta_on)
+
+
+def _full_size(cfg: TrainConfig, full_models: int, maps_per_call: int, n_frames: int, slots: int) -> int:
+    """Full models per program: at most full_models, and at most maps_per_call maps through layer4 per step."""
+    return max(1, min(full_models, maps_per_call // (cfg.batch_size * n_frames * slots)))
+
+
+def _full_groups(index, folds, cfgs, full_models: int, maps_per_call: int, n_frames: int,
+                 n_factors: int) -> list[list[dict]]:
+    """The full models of these configs' folds, in programs: models that train on as many clips (so that their batches
+    have one size), _full_size of them at most."""
+    size = _full_size(cfgs[0], full_models, maps_per_call, n_frames, len(_slots(cfgs[0], n_factors)))
+    models, out = _models(index, folds, cfgs), []
+    for n_fit in sorted({len(d["fit"]) for d in models}):
+        alike = [d for d in models if len(d["fit"]) == n_fit]
+        out += [alike[start:start + size] for start in range(0, len(alike), size)]
+    return out
+
+
+def _full_program(group: list[dict], maps: torch.Tensor, num_classes: int, device,
+                  maps_per_call: int) -> _FullProgram:
+    """The program of these full models, each drawn as run_loso's make_model draws it for the fold's seed."""
+    cfg, n_factors, layer4, weights, biases = group[0]["cfg"], maps.shape[2], None, [], []
+    for m, d in enumerate(group):
+        model = make_model(None, d["cfg"], num_classes, maps.shape, d["seed"])
+        if layer4 is None:
+            layer4 = side_by_side(model.layer4, len(group), device)
+        load_copy(layer4, m, model.layer4)
+        weight, bias = head_projection(dict(model.named_parameters()))
+        weights.append(weight.detach())
+        biases.append(bias.detach())
+    stack = _Stack(layer4, torch.stack(weights).to(device).requires_grad_(),
+                   torch.stack(biases).to(device).requires_grad_(), group[0]["steps"])
+    slots = torch.tensor([_slots(d["cfg"], n_factors) for d in group], device=maps.device)
+    return _FullProgram(stack, maps, slots, _switch(group, "use_alpha", device)[:, None, None, None],
+                        _switch(group, "use_beta", device)[:, None, None],
+                        maps.shape[1] * slots.shape[1] if cfg.layer4_bn == "per_slice" else 1,
+                        training_dtype(cfg, device), cfg.channels_last and device.type != "cpu", maps_per_call)
 
 
 def _sharing(models, n_factors: int) -> int:
@@ -497,29 +625,48 @@ def _shuffled(models, generators, steps: int, batch: int, device) -> torch.Tenso
     return torch.from_numpy(order.reshape(len(models), steps, batch).transpose(1, 0, 2).copy()).to(device)
 
 
-def _program_task(cfgs, source: _Source, labels, index, folds, num_classes, on_epoch=None, head=None) -> list[list]:
-    """One program wherever it runs: its configs -> per config its folds' results. `on_epoch(done, epochs, units)`
-    hears of every finished epoch (units: the program's runs x folds)."""
+def _program_task(cfgs, source, labels, index, folds, num_classes, on_epoch=None, head=None, full_models: int = 0,
+                  maps_per_call: int = 0) -> list[list]:
+    """One program wherever it runs: its configs -> per config its folds' results. source: the pooled path's _Source
+    or the full models' trunk maps. `on_epoch(done, epochs, units)` hears of every finished epoch (units: the
+    program's runs x folds)."""
     device = resolve_device(cfgs[0].device)
-    source = dataclasses.replace(source, rows=source.rows.to(device), scale=source.scale.to(device))
-    return _train_models(source, labels, index, folds, cfgs, num_classes, device, on_epoch, head)
+    if isinstance(source, _Source):
+        source = dataclasses.replace(source, rows=source.rows.to(device), scale=source.scale.to(device))
+    else:
+        source = place_features(source, device)
+    return _train_models(source, labels, index, folds, cfgs, num_classes, device, on_epoch, head, full_models,
+                         maps_per_call)
 
 
-def _train_models(source: _Source, labels, index, folds, cfgs, num_classes, device, on_epoch=None,
-                  head=None) -> list[list]:
-    """Train the folds of every config at once; per config the fold results run_loso's train_fold returns."""
+def _train_models(source, labels, index, folds, cfgs, num_classes, device, on_epoch=None, head=None,
+                  full_models: int = 0, maps_per_call: int = 0) -> list[list]:
+    """Train the folds of every config at once (full models: one program per number of training clips, one after
+    another); per config the fold results run_loso's train_fold returns, in fold order."""
     cfg0, n_factors = cfgs[0], source.shape[2]
     alike = lambda c: dataclasses.replace(c, seed=0, use_alpha=True, use_beta=True, factor_slots=None)  # noqa: E731
     if any(alike(c) != alike(cfg0) for c in cfgs) or len({len(_slots(c, n_factors)) for c in cfgs}) > 1:
         raise ValueError("run_sweep: the configs of one batch may differ only in seed, attention and factor slots "
                          "(as many slots each)")
-    models, program = _build(source, index, folds, cfgs, num_classes, device, head)
-    tick = (lambda done: on_epoch(done, cfg0.epochs, len(cfgs) * len(folds))) if on_epoch else None
-    log = _train(program, models, labels.to(device), cfg0, device, tick)
-    return _fold_results(models, cfgs, folds, labels, log)
+    if isinstance(source, _Source):
+        groups = [None]
+        build = lambda _: _build(source, index, folds, cfgs, num_classes, device, head)  # noqa: E731
+    else:  # each program built when its turn comes: one program's layer4s in memory at a time
+        groups = _full_groups(index, folds, cfgs, full_models, maps_per_call, *source.shape[1:3])
+        build = lambda group: (group, _full_program(group, source, num_classes, device, maps_per_call))  # noqa: E731
+    out, epochs = [[] for _ in cfgs], cfg0.epochs * len(groups)
+    for g, group in enumerate(groups):
+        models, program = build(group)
+        tick = (lambda done, g=g: on_epoch(g * cfg0.epochs + done, epochs, len(cfgs) * len(folds))) if on_epoch \
+            else None
+        log = _train(program, models, labels.to(device), cfg0, device, tick)
+        for j, runs in enumerate(_fold_results(models, cfgs, folds, labels, log)):
+            out[j] += runs
+    position = {name: i for i, (name, _, _) in enumerate(folds)}
+    return [sorted(runs, key=lambda run: position[run[0]]) for runs in out]
 
 
-def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=None) -> dict:
+def _train(program: _Program | _FullProgram, models, labels, cfg: TrainConfig, device, tick=None) -> dict:
     """Every epoch of every model: shuffled batches, cfg's optimiser and schedule (train.make_optimizer), then
     predictions on the test (and inner validation) rows; tick(epochs done) after each. -> per epoch predictions,
     attention and history."""
@@ -527,6 +674,10 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=Non
     n_fit = np.array([len(d["fit"]) for d in models])
     mask = torch.from_numpy(np.arange(program.heads.last[-1] * B).reshape(-1, 1, B) < n_fit[:, None]).to(device)
     weight = mask / mask.sum(2, keepdim=True).clamp(min=1)  # S, M, B: a batch's loss is its mean
+    # a full model's step takes only the clips of its batch, which its BatchNorm sees (its program's models train on
+    # as many clips); heads take B columns, the padded ones with loss weight 0
+    width = np.minimum(B, n_fit.max() - np.arange(len(mask)) * B) if isinstance(program, _FullProgram) \
+        else np.full(len(mask), B)
     generators = [torch.Generator().manual_seed(d["seed"]) for d in models]
     test_idx, test_mask = _padded([d["test"] for d in models], device)
     val_idx, val_mask = _padded([d["val"] for d in models], device)
@@ -539,13 +690,13 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=Non
         y = labels[order]  # S, M, B
         losses, correct = torch.zeros(mask.shape[:2], device=device), torch.zeros_like(mask[:, :, 0], dtype=int)
         program.train(True)
-        for step in range(len(order)):
-            logits = program(order[step])[0]  # M, B, C
-            loss = (criterion(logits.transpose(1, 2), y[step]) * weight[step]).sum(1)  # M: each batch's mean
+        for step, w in enumerate(width):
+            logits = program(order[step, :, :w])[0].float()  # M, w, C
+            loss = (criterion(logits.transpose(1, 2), y[step, :, :w]) * weight[step, :, :w]).sum(1)  # M: batch means
             loss.sum().backward()
             program.heads.step(optimizer, step)
             losses[step] = loss.detach()
-            correct[step] = ((logits.argmax(2) == y[step]) & mask[step]).sum(1)
+            correct[step] = ((logits.argmax(2) == y[step, :, :w]) & mask[step, :, :w]).sum(1)
         scheduler.step()
         loss_sum = (losses.double() * mask.sum(2)).sum(0)  # M
         _check_diverged(program, models, loss_sum, epoch)
@@ -557,8 +708,8 @@ def _train(program: _Program, models, labels, cfg: TrainConfig, device, tick=Non
                 log["val_pred"].append(program(val_idx)[0].argmax(2).cpu())
         pred = logits.argmax(2)
         log["pred"].append(pred.cpu())
-        log["alpha"].append(alpha.cpu())
-        log["beta"].append(beta.cpu())
+        log["alpha"].append(alpha.float().cpu())
+        log["beta"].append(beta.float().cpu())
         log["history"][-1]["test_acc"] = (((pred == labels[test_idx]) & test_mask).sum(1).double()
                                           / test_mask.sum(1)).cpu()
         if tick:

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def _as_tensor(features) -> torch.Tensor:
     return t
 
 
-def _place(features: torch.Tensor, device: torch.device) -> torch.Tensor:
+def place_features(features: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move the whole feature tensor to the device when it fits in 80% of free memory, else keep it on the host."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -570,8 +571,8 @@ def _fold_task(fold: tuple, cfg, tensor, labels, index, num_classes, head=None) 
     """One fold, wherever it runs: (position, test rows, training rows) -> train_fold's result."""
     i, test_rows, train_rows = fold[0], np.array(fold[1]), np.array(fold[2])  # writable copies (Ray's are not)
     device = resolve_device(cfg.device)
-    return train_fold(cfg, _place(tensor, device), labels, index, test_rows, train_rows, num_classes, device,
-                      seed=fold_seed(cfg, i), head=head)
+    return train_fold(cfg, place_features(tensor, device), labels, index, test_rows, train_rows, num_classes,
+                      device, seed=fold_seed(cfg, i), head=head)
 
 
 def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, fix: str, ex, head=None) -> None:
@@ -580,7 +581,7 @@ def _train_folds(entry, cfg, tensor, labels, index, folds, factors, slots, bar, 
     if cfg.num_workers:
         torch.set_num_threads(cfg.num_workers)
     if ex.name == "local":
-        tensor = _place(tensor, resolve_device(cfg.device))  # once for all folds
+        tensor = place_features(tensor, resolve_device(cfg.device))  # once for all folds
     paths = [entry.path / "folds" / f"{name.replace('/', '_')}.pt" for name, _, _ in folds]
     results = {i: torch.load(p, weights_only=False) for i, p in enumerate(paths) if p.exists()}
     todo = [(i, test, train) for i, (_, test, train) in enumerate(folds) if i not in results]
@@ -639,6 +640,24 @@ class Variant:
             raise ValueError(f"variant {self.name!r} uses no factor slot: AMAN needs at least one factor")
 
 
+VARIANT_NAMES = ("AMAN", "magnification attention only", "frame attention only", "no magnification")
+SINGLE_FACTOR = re.compile(r"single factor [0-9]+(\.[0-9]+)?")  # "single factor F", F as ablation_variants writes it
+
+
+def select_variants(factors, names=None) -> list[Variant]:
+    """The variants of ablation_variants(factors) named in `names`, in that order (None: all of them); a name that is
+    not among them is an error listing those that are."""
+    variants = ablation_variants(factors)
+    if names is None:
+        return variants
+    known = {v.name: v for v in variants}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"variants {unknown} are not variants of these features (factors "
+                         f"{[float(f) for f in factors]}); the variants are {list(known)}")
+    return [known[n] for n in names]
+
+
 def ablation_variants(factors) -> list[Variant]:
     """The paper's ablations over the factor values of the features (factor 1 = the unmagnified frame)."""
     factors = [float(f) for f in factors]
@@ -646,11 +665,11 @@ def ablation_variants(factors) -> list[Variant]:
     if not magnified:
         raise ValueError(f"factors {factors} hold no magnified factor (1 is the unmagnified frame): AMAN would be "
                          "left without factors; extract features with factors > 1")
-    variants = [Variant("AMAN", magnified),
-                Variant("magnification attention only", magnified, use_beta=False),
-                Variant("frame attention only", magnified, use_alpha=False)]
+    aman, alpha_only, beta_only, unmagnified = VARIANT_NAMES
+    variants = [Variant(aman, magnified), Variant(alpha_only, magnified, use_beta=False),
+                Variant(beta_only, magnified, use_alpha=False)]
     if 1.0 in factors:
-        variants.append(Variant("no magnification", (factors.index(1.0),)))
+        variants.append(Variant(unmagnified, (factors.index(1.0),)))
     variants += [Variant(f"single factor {factors[k]:g}", (k,)) for k in magnified]
     return variants
 

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The kit's GPU job in one command (issue 23), from a copy of the repo and the carried wheelhouse/ (make wheelhouse),
 # with no network, on one NVIDIA GPU. Phases, each stopped by `timeout` so that the whole script ends within
-# GPU_BUDGET_S (default 540 s; the device allows 600 s per command):
+# GPU_BUDGET_S (default 570 s; the device allows 600 s per command):
 #   setup   install wheelhouse/*.whl offline into .gpu_site (PYTHONPATH: the repo, then .gpu_site) and register the
 #           Jupyter kernel "python3" that papermill starts, on that interpreter and path
 #   gpu     the GPU (nvidia-smi, torch.cuda.get_device_name); env.txt: pip list, paths
 #   smoke   the five notebooks on tiny parameters with device cuda into results/gpu_smoke (about 30-60 s)
-#   checks  bench/gpu_checks.py: CUDA against CPU in fp32, bf16 against fp32, images/s and share of the bf16 peak
 #   full    the main job: run-notebooks -p backbone synthetic_macro -p device cuda (precision auto, the full model,
-#           5 seeds, all variants) into results/gpu, for whatever time is left
+#           5 seeds) into results/gpu, for what is left but CHECKS_S: by default the variants AMAN, no magnification
+#           and the best single factor of the committed CPU run (results/metrics.json), with the oracle;
+#           GPU_VARIANTS=all trains every variant
+#   checks  bench/gpu_checks.py: CUDA against CPU in fp32, bf16 against fp32, images/s and share of the bf16 peak
+#           (CHECKS_S, default 120 s, kept for it)
 # After each phase results/gpu_smoke and results/gpu are packed into $OUT/gpu_results.tar.gz (tar -xzf it in the
 # repo's root). $OUT gets 5 files: log.txt, phases.tsv, env.txt, gpu_checks.json, gpu_results.tar.gz.
 #
 #   bash bench/gpu.sh             # on the device: the run tool's command, with carry ["wheelhouse"]
 #   bash bench/gpu.sh --dry-run   # on a CPU (tests/test_gpu_command.py): the repo's ${PYTHON:-python3}, nothing
 #                                 # installed, device cpu, tiny parameters in every phase, results under GPU_ROOT
-# Environment: OUT (default: a new temporary folder), GPU_BUDGET_S (540; dry run 900), GPU_FULL_ARGS (more run-notebooks arguments
-# for the full run, shell-quoted, e.g. "-p seeds '[0]' -p ablations false"), GPU_PYTHON (device: python3), PYTHON
+# Environment: OUT (default: a new temporary folder), GPU_BUDGET_S (570; dry run 900), CHECKS_S (120), GPU_VARIANTS
+# (all: every variant), GPU_FULL_ARGS (more run-notebooks arguments for the full run, shell-quoted, e.g.
+# "-p seeds '[0]'"), GPU_PYTHON (device: python3), PYTHON
 # (dry run: python3), GPU_ROOT (dry run: where results/ and data/ go; default a temporary folder, removed at the end),
 # AMANLIB_MAGNET_CHECKPOINT (default wheelhouse/magnet/learning_based_mag.pth.tar; absent: Eulerian magnifier).
 set -uo pipefail  # no -e: a failed phase is recorded and the next one still runs
@@ -36,7 +40,7 @@ T0=$SECONDS
 if [[ $MODE == dry ]]; then
   BUDGET=${GPU_BUDGET_S:-900} SCALE=3  # a shared CPU runs the tiny phases slower than the device runs its own
 else
-  BUDGET=${GPU_BUDGET_S:-540} SCALE=1
+  BUDGET=${GPU_BUDGET_S:-570} SCALE=1
 fi
 RESERVE=40  # seconds kept after the last phase: a phase's kill grace (20 s) and the last pack
 TMP=${TMPDIR:-/tmp}
@@ -223,24 +227,39 @@ EXTRA=()
 if [[ $MODE == dry ]]; then
   # the full model's path through notebook 04 (CPU otherwise takes the frozen-layer4 one), on the smoke's clip
   # table and features (copied below): a CPU dry run stays within about 2 minutes
-  FULL=(--only 04 -p fidelity authors -p epochs 1 -p frozen_layer4 false -p seeds '[0]' -p ablations false)
+  FULL=(--only 04 -p fidelity authors -p epochs 1 -p frozen_layer4 false -p seeds '[0]')
+  BEST="single factor 4"  # the smoke's factors are 2 and 4
   CHECKS=(--tiny)
 else
   FULL=(-p backbone synthetic_macro)  # as `make reproduce` pins it; precision auto, frozen_layer4 auto: full model
+  BEST=$(timeout 60 "$PY" -c "import json; print(json.load(open('$REPO/results/metrics.json'))['oracle']
+['best_single_factor'])") || BEST=
   CHECKS=()
+fi
+if [[ ${GPU_VARIANTS:-} == all ]]; then
+  echo "full run: every variant"
+elif [[ -n $BEST ]]; then
+  FULL+=(-p variants "[AMAN, no magnification, $BEST]")
+  echo "full run: variants AMAN, no magnification and $BEST (the committed run's best single factor), the oracle"
+else
+  echo "full run: every variant (results/metrics.json names no best single factor)"
 fi
 RUN=("$PY" "$REPO/bench/gpu_run.py" run-notebooks)
 
 # ------------------------------------------------------------------------------------------------------ phases
 run_phase smoke 150 "${RUN[@]}" "${TINY[@]}" "${MAGS[@]}" "${SMOKE_MAGS[@]}" -p device "$DEVICE" \
   -p data_dir "$ROOT/data/gpu_smoke" --results "$ROOT/results/gpu_smoke"
-run_phase checks 150 "$PY" "$REPO/bench/gpu_checks.py" --device "$DEVICE" --out "$OUT/gpu_checks.json" "${CHECKS[@]}"
 if [[ $MODE == dry && -d $ROOT/results/gpu_smoke/work/features ]]; then
   mkdir -p "$ROOT/results/gpu/work"
   cp -a "$ROOT"/results/gpu_smoke/work/{index.csv,index.json,features} "$ROOT/results/gpu/work/"
 fi
+KEPT=$((${CHECKS_S:-120} * SCALE))  # the checks' time, kept from the full run's
+RESERVE=$((RESERVE + KEPT))
 run_phase full 600 "${RUN[@]}" "${FULL[@]}" "${MAGS[@]}" -p device "$DEVICE" -p data_dir "$ROOT/data" \
   "${EXTRA[@]}" --results "$ROOT/results/gpu"
+RESERVE=$((RESERVE - KEPT))
+run_phase checks $((KEPT / SCALE)) "$PY" "$REPO/bench/gpu_checks.py" --device "$DEVICE" --out "$OUT/gpu_checks.json" \
+  "${CHECKS[@]}"
 
 # ------------------------------------------------------------------------------------------------------ end
 rm -rf "$KERNEL_HOME"

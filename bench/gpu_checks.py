@@ -7,11 +7,12 @@
    their difference with a paired bootstrap CI over subjects.
 2. speed (bf16 autocast, channels_last, as the kit runs on a GPU): images/s of the learning-based magnifier (as
    amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk at 224 px, and of the full
-   model's training step (amanlib.train._Fold.train_epoch: the engine's own step, `.item()` syncs included), each
-   with the FLOPs bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak.
+   model's training step, one fold's model alone (amanlib.train._Fold.train_epoch, run_loso's step) and M folds'
+   models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 192), each with the FLOPs
+   bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak.
 3. projections from those measurements: notebook 04's full-model sweep on the synthetic default (the issue's
-   `results/gpu` run) with the engine as it is, and the MEGC2019 composite's full-model LOSO (AMAN variant, one
-   seed) on one GPU, beside bench/flops.py's paper estimate.
+   `results/gpu` run) with one fold after another and with the folds side by side, and the MEGC2019 composite's
+   full-model LOSO (AMAN variant, one seed) on one GPU, beside bench/flops.py's paper estimate.
 
     python bench/gpu_checks.py --device cuda --out $OUT/gpu_checks.json
     python bench/gpu_checks.py --device cpu --tiny --out /tmp/gpu_checks.json   # the CPU dry run (tests)
@@ -38,7 +39,8 @@ sys.path.insert(0, str(BENCH.parent))
 
 import flops  # noqa: E402  (bench/flops.py: FLOP counts on meta tensors)
 from amanlib.metrics import uf1  # noqa: E402
-from amanlib.train import TrainConfig, _Fold, loso_folds, run_loso  # noqa: E402
+from amanlib import sweep  # noqa: E402
+from amanlib.train import TrainConfig, _Fold, loso_folds, make_loss, make_optimizer, run_loso  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 790.0  # measured on the device (KINDS.md: 8192^3 bf16 matmul, 769-798 TFLOP/s)
 SYNTHETIC_DEFAULT = dict(subjects=32, clips_per_subject=9, frames=2, magnified=5, epochs=50, batch=4, seeds=5)
@@ -255,12 +257,52 @@ def train_step_speed(device: torch.device, shapes, clips: int, repeats: int, pea
     return rows
 
 
+def side_by_side_step_speed(device: torch.device, shapes, models: list[int], repeats: int, peak: float,
+                            layer4_train: float) -> list[dict]:
+    """The sweep's full-model training step (amanlib.sweep._FullProgram, precision auto): M folds' models side by side
+    in one layer4 of grouped convolutions, one step of `batch` clips each; images = slices through layer4 (all
+    models), and the GPU memory it peaked at."""
+    rows = []
+    for F, K, batch in shapes:
+        for M in models:
+            index, _ = toy_problem(n_subjects=M + 1, per_subject=batch + 1, F=1, K=1, C=1, size=1)  # the clip table
+            x = torch.randn(len(index), F, K, 256, 14, 14, device=device, dtype=torch.half)  # speed only: any values
+            labels = torch.tensor(index["label"].to_numpy(), device=device)
+            cfg = TrainConfig(device=str(device), batch_size=batch)
+            built = time.perf_counter()
+            group = sweep._full_groups(index, loso_folds(index), [cfg], M, 2 ** 30, F, K)[0]
+            program = sweep._full_program(group, x, 3, device, sweep.ACCELERATOR_FULL_MAPS)
+            built = time.perf_counter() - built
+            optimizer, _ = make_optimizer(program.heads.leaves(), cfg)
+            clips = torch.tensor(np.stack([d["fit"][:batch] for d in group]), device=device)  # M, batch
+            program.train(True)
+
+            def step():
+                logits = program(clips)[0].float()
+                make_loss("none")(logits.transpose(1, 2), labels[clips]).mean(1).sum().backward()
+                program.heads.step(optimizer, 0)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = timed(step, device, repeats)
+            slices = M * batch * F * K
+            rows.append({"stage": "full-model training step, models side by side", "models": M, "frames": F,
+                         "factors": K, "batch": batch, "dtype": str(program.dtype or torch.float32),
+                         "step_ms": 1e3 * seconds, "step_ms_per_model": 1e3 * seconds / M, "build_s": built,
+                         "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+                         else None, **rate(slices, seconds, slices * layer4_train, peak)})
+            del program, optimizer, x
+    return rows
+
+
 def speed(device: torch.device, tiny: bool, peak: float) -> dict:
     model = flops.model_stages()
     if tiny:
         mag = magnifier_speed(device, [16], F=1, K=2, repeats=1, peak=peak)
         trunk = trunk_speed(device, [1], size=32, repeats=1, peak=peak)
         steps = train_step_speed(device, [(1, 1, 2)], clips=2, repeats=1, peak=peak, layer4_train=model["layer4_train"])
+        batched = side_by_side_step_speed(device, [(1, 1, 2)], [1, 2], repeats=1, peak=peak,
+                                          layer4_train=model["layer4_train"])
     else:
         mag = magnifier_speed(device, [128, 224, 384], F=11, K=9, repeats=5, peak=peak)
         trunk = trunk_speed(device, [64, 256], size=224, repeats=5, peak=peak)
@@ -268,7 +310,9 @@ def speed(device: torch.device, tiny: bool, peak: float) -> dict:
         shapes = [(d["frames"], d["magnified"], d["batch"]), (d["frames"], 1, d["batch"]),  # synthetic: AMAN, 1 slot
                   (11, 9, 4), (11, 9, 32), (d["frames"], d["magnified"], 64)]  # composite; larger batches
         steps = train_step_speed(device, shapes, clips=64, repeats=3, peak=peak, layer4_train=model["layer4_train"])
-    return {"magnifier": mag, "trunk": trunk, "train_step": steps,
+        batched = side_by_side_step_speed(device, shapes[:2], [1, 16, 64, 192], repeats=3, peak=peak,
+                                          layer4_train=model["layer4_train"])
+    return {"magnifier": mag, "trunk": trunk, "train_step": steps, "side_by_side_step": batched,
             "flops_note": "FLOPs as bench/flops.py counts them (convolutions and matmuls, multiply-add = 2); "
                           "training: layer4 forward + backward per slice "
                           f"({model['layer4_train'] / 1e9:.3f} GFLOP), heads and optimiser not counted"}
@@ -293,6 +337,21 @@ def projections(measured: dict) -> dict:
                     "(training steps only; test passes, pre-training and features not counted)",
             "seconds": per_seed * d["seeds"], "seconds_aman_one_seed": per_run_steps * aman["step_ms"] / 1e3,
             "step_ms": {"5 slots": aman["step_ms"], "1 slot": one["step_ms"]}}
+    side = [r for r in measured.get("side_by_side_step", []) if r["batch"] == d["batch"]]
+    if side and aman and one:
+        # per model-step at the largest program measured, for the programs notebook 04 runs (sweep.ACCELERATOR_*)
+        best = {k: min((r for r in side if r["factors"] == k), key=lambda r: r["step_ms_per_model"], default=None)
+                for k in (d["magnified"], 1)}
+        if all(best.values()):
+            models = d["seeds"] * d["subjects"]
+            per_run_steps = d["epochs"] * math.ceil((clips - d["clips_per_subject"]) / d["batch"])
+            out["synthetic_default_full_model_sweep_side_by_side"] = {
+                "what": "the same sweep with the folds' models side by side (amanlib.sweep._FullProgram), at the "
+                        "per-model step time of the largest program measured (training steps only)",
+                "seconds": models * per_run_steps * (wide * best[d["magnified"]]["step_ms_per_model"]
+                                                     + narrow * best[1]["step_ms_per_model"]) / 1e3,
+                "models_measured": {f"{k} slots": r["models"] for k, r in best.items()},
+                "step_ms_per_model": {f"{k} slots": r["step_ms_per_model"] for k, r in best.items()}}
     comp = steps.get((11, 9, 4))
     if comp:
         S, N, epochs = 68, 442, 50

@@ -26,7 +26,7 @@ def bench_module(name: str):
 gpu_pack = bench_module("gpu_pack")
 wheelhouse = bench_module("wheelhouse")
 
-PHASES = ["setup", "gpu", "smoke", "checks", "full"]
+PHASES = ["setup", "gpu", "smoke", "full", "checks"]
 OUT_FILES = {"log.txt", "phases.tsv", "env.txt", "gpu_checks.json", "gpu_results.tar.gz"}
 NOTEBOOKS = ["01_dataset_prep", "02_magnification", "03_feature_extraction", "04_training", "05_confusion_analysis"]
 
@@ -70,7 +70,7 @@ def test_gpu_command_dry_run_end_to_end_on_cpu(tmp_path):
     assert same["predictions_identical"] and same["max_logit_diff"] == 0 and same["max_alpha_diff"] == 0
     bf16 = checks["agreement"]["cpu_bf16_vs_cpu_fp32"]
     assert bf16["ci95"][0] <= bf16["difference"] <= bf16["ci95"][1] and "within_ci" in bf16
-    for stage in ("magnifier", "trunk", "train_step"):
+    for stage in ("magnifier", "trunk", "train_step", "side_by_side_step"):
         rows = checks["speed"][stage]
         assert rows and all(r["images_per_s"] > 0 and 0 < r["share_of_peak"] < 1 for r in rows), stage
     assert "full-model LOSO, one run (AMAN variant)" in checks["paper_estimate"]["groups"]
@@ -85,6 +85,7 @@ def test_gpu_command_dry_run_end_to_end_on_cpu(tmp_path):
     assert not [n for n in names if "/work/features" in n or "/work/trunks" in n or n.endswith(".amanlib.lock")]
     assert metrics["gpu_smoke"]["model"] == "AMAN, frozen layer4" and metrics["gpu_smoke"]["clips"] == 9
     assert metrics["gpu"]["model"] == "AMAN"  # the full model, as CUDA's default: layer4 trained per fold
+    assert set(metrics["gpu"]["ablations"]) == {"AMAN", "no magnification", "single factor 4", "oracle factor (truth)"}
     assert list(timing["notebooks"]) == NOTEBOOKS and timing["machine_info"]["device"] == "cpu"
     assert not processes_mentioning(str(tmp_path)), "a kernel of the dry run is still running"
 

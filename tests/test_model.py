@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from amanlib.model import AMAN
+from amanlib.batchnorm import batch_groups
+from amanlib.model import AMAN, load_copy, side_by_side
 
 B, F, K, C = 2, 3, 4, 256
 
@@ -120,3 +121,25 @@ def test_saturated_attention_keeps_the_papers_weighted_mean_finite(model):
         want = exact.pred_fc((t * v_frame).sum(1) / t.sum(1))
     assert (alpha == 0).all() and torch.isfinite(logits).all()
     torch.testing.assert_close(logits.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_side_by_side_copies_compute_what_each_copy_computes():
+    """M layer4s as one module of grouped convolutions: each copy's pooled output and BatchNorm statistics (per
+    (frame, factor) slice, in train mode) are what that copy gives alone."""
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(AMAN(3, in_channels=16).train())
+    wide = side_by_side(models[0].layer4, 3).train()
+    for m, model in enumerate(models):
+        load_copy(wide, m, model.layer4)
+    assert wide[0].conv1.groups == 3 and wide[0].conv1.weight.shape == (3 * 512, 16, 3, 3)
+    B, F, K = 4, 2, 3
+    x = torch.randn(3, B, F, K, 16, 6, 6, generator=torch.Generator().manual_seed(0))
+    with batch_groups(wide, F * K):
+        out = wide(x.permute(1, 2, 3, 0, 4, 5, 6).reshape(B * F * K, 3 * 16, 6, 6))  # L*F*K, M*C, H, W
+    out = out.mean((2, 3)).view(B, F, K, 3, 512).permute(3, 0, 1, 2, 4)
+    alone = torch.stack([model.pool(x[m]) for m, model in enumerate(models)])
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wide[1].bn2.running_var.view(3, 512),
+                               torch.stack([model.layer4[1].bn2.running_var for model in models]))

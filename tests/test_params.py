@@ -179,7 +179,10 @@ def test_schema_entries_are_typed_and_shared_names_are_shared():
     ("lr", "1e-3", "got '1e-3'"),
     ("frozen_layer4", "yes", "frozen_layer4 (04_training): expected true, false or 'auto', got 'yes'"),
     ("frozen_layer4", None, "frozen_layer4 (04_training): expected true, false or 'auto', got None"),
-    ("ablations", None, "ablations (04_training): expected true or false, got None"),
+    ("variants", ["AMAN", "AMAN"], "variants (04_training): expected None or a non-empty list of text, names without "
+                                   "repeats, each AMAN"),
+    ("variants", ["single factor twelve"], "got ['single factor twelve']"),
+    ("variants", [], "got []"),
     ("mag_size", 16, "mag_size (03_feature_extraction): expected None or an integer >= 32, got 16"),
     ("sweep_factors", [], "sweep_factors (02_magnification): expected a non-empty list of finite numbers >= 1"),
     ("sweep_factors", [1, 0.5], "got [1, 0.5]"),
@@ -328,6 +331,11 @@ def test_unknown_and_old_names():
     with pytest.raises(ValueError, match="seed: unknown parameter \\(got 1\\); it was renamed: data_seed in "
                                          "01_dataset_prep, trunk_seed in 03_feature_extraction"):
         params.validate({"seed": 1}, params.NOTEBOOKS)  # it seeded two things; seeds (04) seeds the heads
+    with pytest.raises(ValueError, match=r"ablations: unknown parameter \(got False\); it was renamed: variants in "
+                                         r"04_training"):
+        params.validate({"ablations": False}, params.NOTEBOOKS)  # ['AMAN'] now
+    assert params.validate({"variants": ["AMAN", "single factor 4.5"]}, ["04_training"])["variants"] == \
+        ["AMAN", "single factor 4.5"]
     with pytest.raises(ValueError, match="epoch_count: unknown parameter \\(got 3\\); did you mean .*"
                                          "epochs \\(04_training\\)"):
         params.validate({"epoch_count": 3}, params.NOTEBOOKS)

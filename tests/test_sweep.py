@@ -83,6 +83,44 @@ def test_sweep_equals_run_loso_per_variant_and_seed(tmp_path, rule):
         assert batched.config["factors"] == [[1.0, 2.0, 4.0][k] for k in v.factor_slots]  # values, not slots
 
 
+def even_index(seed=0):
+    """4 subjects, three with 3 clips and one with 5: two folds' models train side by side, one alone."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame([{"dataset": "casme2", "subject": f"s{s}", "clip": f"c{s}_{c}", "label": int(rng.integers(3))}
+                         for s, n in enumerate([3, 3, 3, 5]) for c in range(n)])
+
+
+@pytest.mark.parametrize("layer4_bn", ["per_slice", "joint"])
+def test_full_models_train_side_by_side_as_run_loso_trains_each(tmp_path, layer4_bn, monkeypatch):
+    """The full model (trunk maps; layer4 trains): every fold's model of a program runs in one side-by-side layer4.
+    The first step's gradients agree to float rounding; RMSprop scales each weight's step by its own gradient's size,
+    so rounding noise grows over steps: two epochs stay within 1e-3 of run_loso's losses, with the same predictions."""
+    monkeypatch.setattr(sweep, "FULL_MODELS", 2)  # the three folds of 11 training clips: programs of 2 and 1 models
+    index = even_index()
+    x = torch.randn(len(index), 2, 3, 16, 6, 6, generator=torch.Generator().manual_seed(0))
+    x[:, :, 1, :2] += torch.tensor(index["label"].to_list(), dtype=torch.float32)[:, None, None, None, None]
+    cfg = TrainConfig(epochs=2, step_size=1, batch_size=4, device="cpu", precision="fp32", layer4_bn=layer4_bn)
+    variants = [VARIANTS[2], VARIANTS[3]]
+    sizes, build = [], sweep._full_program
+    monkeypatch.setattr(sweep, "_full_program", lambda group, *a: sizes.append(len(group)) or build(group, *a))
+    result = run_sweep(x, index, cfg=cfg, variants=variants, seeds=[0, 3], runs_dir=tmp_path / "sweep",
+                       factors=[1.0, 2.0, 4.0], progress=False)
+    assert sorted(sizes) == [1] * 8 + [2] * 4  # per (variant, seed): the fold of 9 training clips, then 2 + 1 of 11
+    for v in variants:
+        for seed in (0, 3):
+            vcfg = dataclasses.replace(cfg, seed=seed, factor_slots=v.factor_slots, use_alpha=v.use_alpha,
+                                       use_beta=v.use_beta)
+            alone = run_loso(x, index, cfg=vcfg, runs_dir=tmp_path / "loso", progress=False)
+            batched = result.runs[(v.name, seed)]
+            assert batched.out_dir.name == alone.out_dir.name
+            cols = ["dataset", "subject", "clip", "gt", "pred", "fold", "epoch", "pred_last", "pred_best_test"]
+            pd.testing.assert_frame_equal(batched.predictions[cols].reset_index(drop=True),
+                                          alone.predictions[cols].reset_index(drop=True))
+            pd.testing.assert_frame_equal(batched.history, alone.history, atol=1e-3, check_exact=False)
+            np.testing.assert_allclose(np.stack(batched.predictions.beta), np.stack(alone.predictions.beta),
+                                       atol=1e-2)
+
+
 def test_a_killed_sweep_resumes_to_the_same_result(tmp_path, monkeypatch):
     index, x = uneven_index(), pooled(uneven_index())
     cfg = TrainConfig(epochs=2, device="cpu")

@@ -270,3 +270,15 @@ def test_unread_attention_stays_zero_and_nothing_turns_denormal(tmp_path, slots,
     smallest = torch.finfo(torch.float32).tiny
     for name, p in fold.model.named_parameters():
         assert not ((p != 0) & (p.abs() < smallest)).any(), f"{name} holds denormal floats"
+
+
+def test_variants_are_chosen_by_name_in_the_order_given():
+    factors = [1.0, 2.0, 4.5, 7.0]
+    chosen = train.select_variants(factors, ["single factor 4.5", "AMAN", "no magnification"])
+    assert [v.name for v in chosen] == ["single factor 4.5", "AMAN", "no magnification"]
+    assert [v.factor_slots for v in chosen] == [(2,), (1, 2, 3), (0,)]
+    assert train.select_variants(factors) == train.ablation_variants(factors)
+    with pytest.raises(ValueError, match=r"variants \['single factor 12'\] are not variants of these features "
+                                         r"\(factors \[1.0, 2.0, 4.5, 7.0\]\); the variants are \['AMAN', "):
+        train.select_variants(factors, ["AMAN", "single factor 12"])
+
