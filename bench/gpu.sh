@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kit's GPU job in one command (issue 23), from a copy of the repo and the carried wheelhouse/ (make wheelhouse),
 # with no network, on one NVIDIA GPU. Phases, each stopped by `timeout` so that the whole script ends within
-# GPU_BUDGET_S (default 570 s; the device allows 600 s per command):
+# GPU_BUDGET_S (default 580 s; the device allows 600 s per command):
 #   setup   install wheelhouse/*.whl offline into .gpu_site (PYTHONPATH: the repo, then .gpu_site) and register the
 #           Jupyter kernel "python3" that papermill starts, on that interpreter and path
 #   gpu     the GPU (nvidia-smi, torch.cuda.get_device_name); env.txt: pip list, paths
@@ -11,14 +11,14 @@
 #           and the best single factor of the committed CPU run (results/metrics.json), with the oracle;
 #           GPU_VARIANTS=all trains every variant
 #   checks  bench/gpu_checks.py: CUDA against CPU in fp32, bf16 against fp32, images/s and share of the bf16 peak
-#           (CHECKS_S, default 120 s, kept for it)
+#           (CHECKS_S, default 90 s, kept for it)
 # After each phase results/gpu_smoke and results/gpu are packed into $OUT/gpu_results.tar.gz (tar -xzf it in the
 # repo's root). $OUT gets 5 files: log.txt, phases.tsv, env.txt, gpu_checks.json, gpu_results.tar.gz.
 #
 #   bash bench/gpu.sh             # on the device: the run tool's command, with carry ["wheelhouse"]
 #   bash bench/gpu.sh --dry-run   # on a CPU (tests/test_gpu_command.py): the repo's ${PYTHON:-python3}, nothing
 #                                 # installed, device cpu, tiny parameters in every phase, results under GPU_ROOT
-# Environment: OUT (default: a new temporary folder), GPU_BUDGET_S (570; dry run 900), CHECKS_S (120), GPU_VARIANTS
+# Environment: OUT (default: a new temporary folder), GPU_BUDGET_S (580; dry run 900), CHECKS_S (90), GPU_VARIANTS
 # (all: every variant), GPU_FULL_ARGS (more run-notebooks arguments for the full run, shell-quoted, e.g.
 # "-p seeds '[0]'"), GPU_PYTHON (device: python3), PYTHON
 # (dry run: python3), GPU_ROOT (dry run: where results/ and data/ go; default a temporary folder, removed at the end),
@@ -40,7 +40,7 @@ T0=$SECONDS
 if [[ $MODE == dry ]]; then
   BUDGET=${GPU_BUDGET_S:-900} SCALE=3  # a shared CPU runs the tiny phases slower than the device runs its own
 else
-  BUDGET=${GPU_BUDGET_S:-570} SCALE=1
+  BUDGET=${GPU_BUDGET_S:-580} SCALE=1
 fi
 RESERVE=40  # seconds kept after the last phase: a phase's kill grace (20 s) and the last pack
 TMP=${TMPDIR:-/tmp}
@@ -253,7 +253,7 @@ if [[ $MODE == dry && -d $ROOT/results/gpu_smoke/work/features ]]; then
   mkdir -p "$ROOT/results/gpu/work"
   cp -a "$ROOT"/results/gpu_smoke/work/{index.csv,index.json,features} "$ROOT/results/gpu/work/"
 fi
-KEPT=$((${CHECKS_S:-120} * SCALE))  # the checks' time, kept from the full run's
+KEPT=$((${CHECKS_S:-90} * SCALE))  # the checks' time, kept from the full run's
 RESERVE=$((RESERVE + KEPT))
 run_phase full 600 "${RUN[@]}" "${FULL[@]}" "${MAGS[@]}" -p device "$DEVICE" -p data_dir "$ROOT/data" \
   "${EXTRA[@]}" --results "$ROOT/results/gpu"
