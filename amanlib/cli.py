@@ -52,12 +52,12 @@ def _score(args) -> None:
 
 def _readme(args) -> None:
     from . import timing
-    from .report import REGIME_FOLDERS, magnifiers_markdown, render_readme
+    from .report import REGIME_FOLDERS, gpu_markdown, magnifiers_markdown, render_readme
     from .results import read_metrics
     folders = [Path(args.results) / name for name in REGIME_FOLDERS]
     others = [read_metrics(folder) for folder in folders if (folder / "metrics.json").is_file()]
     changed = render_readme(args.readme, read_metrics(args.results), timing.read(args.results), others,
-                            magnifiers_markdown(args.results))
+                            magnifiers_markdown(args.results), gpu_markdown(args.results))
     state = "updated" if changed else "already up to date"
     print(f"{args.readme}: results and timing tables {state} from {args.results}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from .oracle import is_control
-from .results import OPTIMISTIC, aman_runs, read_metrics
+from .results import OPTIMISTIC, LOSOResult, aman_runs, read_metrics
 from .runtime import atomic_write
 
 
@@ -168,21 +168,24 @@ def regime_verdict(metrics: dict) -> str:
     return f"**{regime}** ({metrics['clips']} clips, {metrics['subjects']} subjects; UF1): " + "; ".join(said) + "."
 
 
-def magnifier_comparison(results_dir, other_dir, n_resamples: int = 2000, n_permutations: int = 10000) -> dict:
-    """AMAN with the magnifier of the results folder `other_dir` minus AMAN with the one of `results_dir`, trained on
-    the same clips with the same seeds and settings otherwise: UF1 and UAR with the paired subject-and-seed
-    bootstrap CI and sign-flip p of stats.paired_comparisons."""
+def folder_comparison(results_dir, other_dir, variant: str = "AMAN", label=lambda m: m["magnifier"],
+                      n_resamples: int = 2000, n_permutations: int = 10000) -> dict:
+    """`variant` of the results folder `other_dir` minus the same variant of `results_dir`, trained on the same clips
+    with the same seeds: UF1 and UAR with the paired subject-and-seed bootstrap CI and sign-flip p of
+    stats.paired_comparisons. label(metrics) names each side (default: its magnifier)."""
     from .stats import paired_comparisons
     tagged, names = [], []
     for folder in (other_dir, results_dir):
         metrics = read_metrics(folder)
-        names.append(f"AMAN ({metrics['magnifier']})")
-        tagged += [r.predictions.assign(variant=names[-1], seed=r.config["seed"]) for r in aman_runs(folder, metrics)]
+        names.append(f"{variant} ({label(metrics)})")
+        runs = aman_runs(folder, metrics) if variant == "AMAN" else \
+            [LOSOResult.load(Path(folder) / p) for p in metrics["runs"][variant]]
+        tagged += [r.predictions.assign(variant=names[-1], seed=r.config["seed"]) for r in runs]
     runs = pd.concat(tagged, ignore_index=True)
     clips = {v: set(map(tuple, g[["seed", "dataset", "subject", "clip"]].astype(str).to_numpy()))
              for v, g in runs.groupby("variant")}
     if len(names) != len(set(names)) or clips[names[0]] != clips[names[1]]:
-        raise ValueError(f"{other_dir} and {results_dir} must hold AMAN runs of two magnifiers on the same clips and "
+        raise ValueError(f"{other_dir} and {results_dir} must hold {variant} runs of two kinds on the same clips and "
                          f"seeds (found {names})")
     return {"variant": names[0], "baseline": names[1],
             "comparisons": paired_comparisons(runs, names[0], ("uf1", "uar"), n_resamples, n_permutations)}
@@ -197,14 +200,48 @@ def magnifiers_markdown(results_dir) -> str | None:
     bench, other = results_dir / "bench" / "magnify_truth.csv", results_dir / "lagrangian"
     parts = [markdown(bench)] if bench.is_file() else []
     if (other / "metrics.json").is_file():
-        parts.append(magnifier_text(magnifier_comparison(results_dir, other)) + "\n")
+        parts.append(magnifier_text(folder_comparison(results_dir, other)) + "\n")
     return "\n".join(parts) if parts else None
 
 
 def magnifier_text(comparison: dict) -> str:
-    """README's line for magnifier_comparison."""
+    """README's line for a folder_comparison of two magnifiers."""
     said = "; ".join(f"{c['metric'].upper()} {_diff(c)} (p {c['p_value']:.2g})" for c in comparison["comparisons"])
     return f"**{comparison['variant']} minus {comparison['baseline']}** (95% CI, subjects and seeds resampled): {said}."
+
+
+GPU_FOLDER = "gpu"
+"""The results folder bench/gpu.sh writes on a GPU (the full model), beside the frozen-layer4 default."""
+
+
+def _score(scores: dict, metric: str = "uf1") -> str:
+    return f"{scores[metric]:.3f} [{scores[metric + '_ci'][0]:.3f}, {scores[metric + '_ci'][1]:.3f}]"
+
+
+def gpu_markdown(results_dir, n_resamples: int = 2000, n_permutations: int = 10000) -> str | None:
+    """README's GPU block when results/gpu holds bench/gpu.sh's run: where and how long its notebooks ran, and per
+    variant both folders trained on the same clips and seeds, the full model beside the frozen-layer4 default (UF1,
+    95% CI) and their difference (folder_comparison: paired subject-and-seed CI, sign-flip p); None without it."""
+    from .timing import per_stage, read
+    results_dir = Path(results_dir)
+    gpu = results_dir / GPU_FOLDER
+    if not (gpu / "metrics.json").is_file():
+        return None
+    full, frozen, timing = read_metrics(gpu), read_metrics(results_dir), read(gpu)
+    spent = f", {sum(per_stage(timing['notebooks']).values()):.0f} s of notebooks" if timing else ""
+    where = f" on {timing['machine']} ({timing['date']}{spent})" if timing else ""
+    lines = [f"`bench/gpu.sh`'s run in `results/{GPU_FOLDER}`{where}: **{full['model']}** beside the default's "
+             f"**{frozen['model']}** on the same clips and seeds (UF1, 95% CI; the difference with the paired "
+             "subject-and-seed CI and sign-flip p):", "",
+             "| variant | full model | frozen layer4 | full minus frozen (p) |", "|---|---|---|---|"]
+    label = lambda m: "full model" if m["model"] == full["model"] else "frozen layer4"  # noqa: E731
+    for variant in full["ablations"]:
+        if variant in frozen["ablations"]:
+            c = next(c for c in folder_comparison(results_dir, gpu, variant, label, n_resamples,
+                                                  n_permutations)["comparisons"] if c["metric"] == "uf1")
+            lines.append(f"| {variant} | {_score(full['ablations'][variant])} | "
+                         f"{_score(frozen['ablations'][variant])} | {_diff(c)} ({c['p_value']:.2g}) |")
+    return "\n".join(lines) + "\n"
 
 
 README_START, README_END = "<!-- results table: rendered from results/metrics.json -->", "<!-- end of results table -->"
@@ -226,6 +263,13 @@ MAGNIFIERS_START = ("<!-- magnifiers: rendered from results/bench/magnify_truth.
 MAGNIFIERS_END = "<!-- end of magnifiers -->"
 
 
+GPU_START = ("<!-- gpu: rendered from results/gpu/metrics.json, results/gpu/timing.json and results/metrics.json "
+             "-->")
+
+
+GPU_END = "<!-- end of gpu -->"
+
+
 DIFFERENCES_START = "<!-- differences from the authors' code: rendered from amanlib/fidelity.py -->"
 
 
@@ -233,11 +277,11 @@ DIFFERENCES_END = "<!-- end of differences -->"
 
 
 def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None, others: list[dict] = (),
-                  magnifiers: str | None = None) -> bool:
+                  magnifiers: str | None = None, gpu: str | None = None) -> bool:
     """Replace README's results table, its timing table (when `timing`, a results/timing.json, is given), its
-    verdict per synthetic regime (metrics and `others`, e.g. those of REGIME_FOLDERS), its magnifiers block (when
-    `magnifiers`, its markdown, is given) and its table of differences from the authors' code (each between its
-    markers) by the ones rendered from metrics, timing and amanlib.fidelity; True if README changed."""
+    verdict per synthetic regime (metrics and `others`, e.g. those of REGIME_FOLDERS), its magnifiers and GPU blocks
+    (when `magnifiers` or `gpu`, their markdown, is given) and its table of differences from the authors' code (each
+    between its markers) by the ones rendered from metrics, timing and amanlib.fidelity; True if README changed."""
     from . import timing as timings
     from .fidelity import differences_markdown
     readme = Path(readme)
@@ -250,6 +294,8 @@ def render_readme(readme: str | Path, metrics: dict, timing: dict | None = None,
         blocks.append((TIMING_START, TIMING_END, timings.markdown(timing)))
     if magnifiers is not None:
         blocks.append((MAGNIFIERS_START, MAGNIFIERS_END, magnifiers))
+    if gpu is not None:
+        blocks.append((GPU_START, GPU_END, gpu))
     for start, end, block in blocks:
         if start not in new or end not in new:
             raise ValueError(f"{readme} lacks the markers {start!r} and {end!r}")

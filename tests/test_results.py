@@ -139,7 +139,7 @@ def test_readme_table_says_when_there_are_too_few_subjects():
     assert "with 2 subjects (fewer than 6)" in few.splitlines()[2] and "scores higher" not in few
 
 
-def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
+def test_folder_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
     """README's Lagrangian row: AMAN of results/lagrangian minus AMAN of results, paired by seed and subject; two
     folders whose runs hold other clips are refused."""
     import torch
@@ -157,7 +157,8 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
         (folder / "metrics.json").write_text(json.dumps({**dict.fromkeys(results.METRICS_FIELDS),
                                                          "magnifier": magnifier,
                                                          "run_dirs": [str(r.out_dir.relative_to(folder)) for r in runs]}))
-    comparison = report.magnifier_comparison(tmp_path / "learning", tmp_path / "lagrangian", 200, 200)
+    comparison = report.folder_comparison(tmp_path / "learning", tmp_path / "lagrangian", n_resamples=200,
+                                          n_permutations=200)
     assert (comparison["variant"], comparison["baseline"]) == ("AMAN (lagrangian)", "AMAN (learning)")
     uf1 = next(c for c in comparison["comparisons"] if c["metric"] == "uf1")
     assert uf1["diff"] > 0 and uf1["ci"][0] <= uf1["diff"] <= uf1["ci"][1]
@@ -169,7 +170,7 @@ def test_magnifier_comparison_pairs_the_runs_of_two_results_folders(tmp_path):
                                                              "magnifier": "phase",
                                                              "run_dirs": [str(run.out_dir.relative_to(tmp_path / "x"))]}))
     with pytest.raises(ValueError, match="same clips and seeds"):
-        report.magnifier_comparison(tmp_path / "learning", tmp_path / "x", 200, 200)
+        report.folder_comparison(tmp_path / "learning", tmp_path / "x", n_resamples=200, n_permutations=200)
 
 
 def test_a_metrics_json_without_a_field_the_kit_reads_is_one_line_naming_it(tmp_path, capsys):
@@ -197,3 +198,39 @@ def test_an_older_metrics_file_says_how_to_name_every_run(tmp_path):
     from amanlib.results import sweep_predictions
     with pytest.raises(ValueError, match=r"names only AMAN's runs .* run notebook 04 \(training\) again"):
         sweep_predictions(tmp_path, {"run_dirs": ["work/runs/x"], "seeds": [0]})
+
+
+def test_the_gpu_block_sets_the_full_model_beside_the_frozen_default(tmp_path):
+    """README's GPU block: None until results/gpu holds a run; then per variant both folders trained, the two UF1s with
+    their CIs and the paired difference (folder_comparison), and where the notebooks ran; render_readme puts it between
+    its markers."""
+    from amanlib import report, results
+    from amanlib.train import TrainConfig, run_loso
+    from test_train import FAST, toy_index, toy_pooled
+
+    index = toy_index(n_subjects=6, per_subject=4)
+    assert report.gpu_markdown(tmp_path) is None
+    for folder, model, signal in ((tmp_path, "AMAN, frozen layer4", 0.0), (tmp_path / "gpu", "AMAN", 3.0)):
+        runs = {v: [str(run_loso(toy_pooled(index, signal=signal + shift), index, cfg=TrainConfig(**FAST, seed=s),
+                                 runs_dir=folder / "work" / "runs", progress=False).out_dir.relative_to(folder))
+                    for s in (0, 1)] for v, shift in (("AMAN", 0.0), ("no magnification", 0.5))}
+        scores = {"uf1": 0.5 + signal / 10, "uf1_ci": [0.4, 0.6 + signal / 10]}
+        (folder / "metrics.json").write_text(json.dumps({
+            **dict.fromkeys(results.METRICS_FIELDS), "model": model, "run_dirs": runs["AMAN"], "runs": runs,
+            "ablations": {"AMAN": scores, "no magnification": scores, **({} if signal else {"single factor 2": scores})}}))
+    (tmp_path / "gpu" / "timing.json").write_text(json.dumps({"date": "2026-12-05", "machine": "a CPU, NVIDIA H200",
+                                                              "notebooks": {"04_training": {"training": 61.5}}}))
+    block = report.gpu_markdown(tmp_path, n_resamples=200, n_permutations=200)
+    assert block.startswith("`bench/gpu.sh`'s run in `results/gpu` on a CPU, NVIDIA H200 (2026-12-05, 62 s of "
+                            "notebooks): **AMAN** beside the default's **AMAN, frozen layer4**")
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| AMAN", "| no magnification"]  # the variants both trained
+    uf1 = next(c for c in report.folder_comparison(tmp_path, tmp_path / "gpu", "no magnification",
+                                                   lambda m: m["model"], 200, 200)["comparisons"]
+               if c["metric"] == "uf1")
+    assert rows[1] == (f"| no magnification | 0.800 [0.400, 0.900] | 0.500 [0.400, 0.600] | "
+                       f"{uf1['diff']:+.3f} [{uf1['ci'][0]:+.3f}, {uf1['ci'][1]:+.3f}] ({uf1['p_value']:.2g}) |")
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    assert render_readme(readme, METRICS, others=OTHERS, gpu=block)
+    assert readme.read_text().count(block) == 1 and "It has not yet run on a GPU" not in readme.read_text()
