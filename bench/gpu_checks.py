@@ -3,7 +3,8 @@
 1. agreement: a tiny LOSO problem (the full model: layer4 trained per fold) trained by amanlib.train.run_loso with
    the same seed in fp32 on the GPU (TF32 off, cuDNN deterministic) and on the CPU: are the predictions identical,
    and how far apart are alpha, beta and the per-epoch training loss; one fold trained the same way gives the
-   largest logit and parameter difference. Then bf16 autocast on the GPU against fp32 on the GPU: UF1 of each and
+   largest logit and parameter difference. The sweep's engine on the GPU (every fold's model side by side,
+   amanlib.sweep) against run_loso's there, the same way. Then bf16 autocast on the GPU against fp32 on the GPU: UF1 of each and
    their difference with a paired bootstrap CI over subjects.
 2. speed (bf16 autocast, channels_last, as the kit runs on a GPU): images/s of the learning-based magnifier (as
    amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk at 224 px, and of the full
@@ -38,9 +39,10 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 import flops  # noqa: E402  (bench/flops.py: FLOP counts on meta tensors)
-from amanlib.metrics import uf1  # noqa: E402
 from amanlib import sweep  # noqa: E402
-from amanlib.train import TrainConfig, _Fold, loso_folds, make_loss, make_optimizer, run_loso  # noqa: E402
+from amanlib.metrics import uf1  # noqa: E402
+from amanlib.sweep import run_sweep  # noqa: E402
+from amanlib.train import TrainConfig, Variant, _Fold, loso_folds, make_loss, make_optimizer, run_loso  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 790.0  # measured on the device (KINDS.md: 8192^3 bf16 matmul, 769-798 TFLOP/s)
 SYNTHETIC_DEFAULT = dict(subjects=32, clips_per_subject=9, frames=2, magnified=5, epochs=50, batch=4, seeds=5)
@@ -150,6 +152,8 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
         gpu = run_loso(x, index, cfg=dataclasses.replace(cfg, device=device), runs_dir=work / "gpu_fp32",
                        progress=False)
         t_gpu = time.perf_counter() - t0 - t_cpu
+        side = run_sweep(x, index, cfg=dataclasses.replace(cfg, device=device), runs_dir=work / "gpu_side_by_side",
+                         variants=[Variant("AMAN", tuple(range(x.shape[2])))], progress=False).runs["AMAN", cfg.seed]
         logits_cpu, params_cpu = one_fold(cfg, x, index, "cpu", epochs)
         logits_gpu, params_gpu = one_fold(cfg, x, index, device, epochs)
     finally:
@@ -167,7 +171,8 @@ def agreement(device: str, tiny: bool, work: Path) -> dict:
     return {"problem": {**shape, "clips": len(index), "epochs": epochs, "batch": cfg.batch_size, "seed": cfg.seed,
                         "model": "AMAN, full model (layer4 trained per fold)"},
             "fp32_settings": "TF32 off (matmul and cuDNN), cudnn.deterministic, cudnn.benchmark off",
-            f"{device}_fp32_vs_cpu_fp32": fp32_vs_cpu, f"{device}_bf16_vs_{device}_fp32": bf16_vs_fp32}
+            f"{device}_fp32_vs_cpu_fp32": fp32_vs_cpu, f"{device}_bf16_vs_{device}_fp32": bf16_vs_fp32,
+            f"{device}_fp32_side_by_side_vs_alone": compare_runs(side, gpu)}
 
 
 # ---------------------------------------------------------------------------------------------------- speed
@@ -442,8 +447,10 @@ def summary(r: dict) -> None:
             print(f"{key}: UF1 {v['uf1_a']:.3f} vs {v['uf1_b']:.3f}, difference {v['difference']:+.3f} "
                   f"CI [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], same predictions {v['same_predictions']:.1%}")
         elif isinstance(v, dict) and "predictions_identical" in v:
-            print(f"{key}: predictions identical {v['predictions_identical']} ({v['same_prediction_share']:.1%}), "
-                  f"max |logit diff| {v['max_logit_diff']:.2e}, max |alpha diff| {v['max_alpha_diff']:.2e}")
+            logit = f", max |logit diff| {v['max_logit_diff']:.2e}" if "max_logit_diff" in v else ""
+            print(f"{key}: predictions identical {v['predictions_identical']} ({v['same_prediction_share']:.1%})"
+                  f"{logit}, max |alpha diff| {v['max_alpha_diff']:.2e}, max |train loss diff| "
+                  f"{v['max_train_loss_diff']:.2e}")
     if "error" in a:
         print(f"agreement: {a['error']}")
     for rows in r.get("speed", {}).values():

@@ -68,6 +68,7 @@ def test_gpu_command_dry_run_end_to_end_on_cpu(tmp_path):
     assert not [k for k, v in checks.items() if isinstance(v, dict) and "error" in v]
     same = checks["agreement"]["cpu_fp32_vs_cpu_fp32"]  # the same device twice: must be bit-identical
     assert same["predictions_identical"] and same["max_logit_diff"] == 0 and same["max_alpha_diff"] == 0
+    assert checks["agreement"]["cpu_fp32_side_by_side_vs_alone"]["predictions_identical"]  # the sweep's engine
     bf16 = checks["agreement"]["cpu_bf16_vs_cpu_fp32"]
     assert bf16["ci95"][0] <= bf16["difference"] <= bf16["ci95"][1] and "within_ci" in bf16
     for stage in ("magnifier", "trunk", "train_step", "side_by_side_step"):
