@@ -287,15 +287,24 @@ def side_by_side_step_speed(device: torch.device, shapes, models: list[int], rep
                 make_loss("none")(logits.transpose(1, 2), labels[clips]).mean(1).sum().backward()
                 program.heads.step(optimizer, 0)
 
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = timed(step, device, repeats)
-            slices = M * batch * F * K
-            rows.append({"stage": "full-model training step, models side by side", "models": M, "frames": F,
-                         "factors": K, "batch": batch, "dtype": str(program.dtype or torch.float32),
-                         "step_ms": 1e3 * seconds, "step_ms_per_model": 1e3 * seconds / M, "build_s": built,
-                         "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
-                         else None, **rate(slices, seconds, slices * layer4_train, peak)})
+            # cuDNN's heuristics may pick a slow algorithm for convolutions of this many groups: on CUDA the largest
+            # program is timed again with cudnn.benchmark (which times the algorithms once per shape)
+            tries = [False, True] if device.type == "cuda" and M == max(models) else [False]
+            for benchmark in tries:
+                before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, benchmark
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    seconds = timed(step, device, repeats, warmup=2 if benchmark else 1)
+                finally:
+                    torch.backends.cudnn.benchmark = before
+                slices = M * batch * F * K
+                rows.append({"stage": "full-model training step, models side by side", "models": M, "frames": F,
+                             "factors": K, "batch": batch, "dtype": str(program.dtype or torch.float32),
+                             "cudnn_benchmark": benchmark, "step_ms": 1e3 * seconds,
+                             "step_ms_per_model": 1e3 * seconds / M, "build_s": built,
+                             "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+                             else None, **rate(slices, seconds, slices * layer4_train, peak)})
             del program, optimizer, x
     return rows
 
@@ -356,6 +365,7 @@ def projections(measured: dict) -> dict:
                 "seconds": models * per_run_steps * (wide * best[d["magnified"]]["step_ms_per_model"]
                                                      + narrow * best[1]["step_ms_per_model"]) / 1e3,
                 "models_measured": {f"{k} slots": r["models"] for k, r in best.items()},
+                "cudnn_benchmark": {f"{k} slots": r["cudnn_benchmark"] for k, r in best.items()},
                 "step_ms_per_model": {f"{k} slots": r["step_ms_per_model"] for k, r in best.items()}}
     comp = steps.get((11, 9, 4))
     if comp:
