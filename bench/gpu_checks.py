@@ -10,7 +10,9 @@
    amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk at 224 px, and of the full
    model's training step, one fold's model alone (amanlib.train._Fold.train_epoch, run_loso's step) and M folds'
    models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 192), each with the FLOPs
-   bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak.
+   bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak; and layer4's 3x3
+   convolution for 160 models side by side as the kit runs it (one grouped conv2d, cudnn.benchmark off and on)
+   against unfold + one batched matmul.
 3. projections from those measurements: notebook 04's full-model sweep on the synthetic default (the issue's
    `results/gpu` run) with one fold after another and with the folds side by side, and the MEGC2019 composite's
    full-model LOSO (AMAN variant, one seed) on one GPU, beside bench/flops.py's paper estimate.
@@ -309,6 +311,41 @@ def side_by_side_step_speed(device: torch.device, shapes, models: list[int], rep
     return rows
 
 
+def grouped_conv_speed(device: torch.device, models: int, maps: int, repeats: int, peak: float) -> list[dict]:
+    """layer4's 3x3 convolution of 512 channels on 7x7 maps, for M models side by side on `maps` maps each, forward
+    and backward (input and weight gradients) in bf16 autocast where native: as one grouped conv2d (the kit's
+    side_by_side; cudnn.benchmark off and, on CUDA, on) and as im2col (unfold) + one batched matmul, its alternative."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(maps, models * 512, 7, 7, device=device, generator=g, requires_grad=True)
+    w = torch.randn(models * 512, 512, 3, 3, device=device, generator=g, requires_grad=True)
+    dtype = autocast_dtype(device) or (torch.bfloat16 if device.type == "cpu" else None)
+    flop = 3 * 2 * maps * 49 * models * 512 * 512 * 9  # forward, and the two gradients
+
+    def grouped():
+        with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+            torch.nn.functional.conv2d(x, w, padding=1, groups=models).float().sum().backward()
+
+    def unfolded():
+        with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+            cols = torch.nn.functional.unfold(x.view(maps * models, 512, 7, 7), 3, padding=1)  # n*M, 512*9, 49
+            cols = cols.view(maps, models, 512 * 9, 49).permute(1, 0, 3, 2).reshape(models, maps * 49, 512 * 9)
+            torch.bmm(cols, w.view(models, 512, 512 * 9).transpose(1, 2)).float().sum().backward()
+
+    rows = []
+    tries = [("grouped conv2d", grouped, False), ("unfold + bmm", unfolded, False)]
+    if device.type == "cuda":
+        tries.insert(1, ("grouped conv2d", grouped, True))
+    for how, fn, benchmark in tries:
+        before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, benchmark
+        try:
+            seconds = timed(fn, device, repeats, warmup=2)
+        finally:
+            torch.backends.cudnn.benchmark = before
+        rows.append({"stage": f"layer4 3x3 conv, {how}", "models": models, "maps": maps, "cudnn_benchmark": benchmark,
+                     "dtype": str(dtype or torch.float32), **rate(models * maps, seconds, flop, peak)})
+    return rows
+
+
 def speed(device: torch.device, tiny: bool, peak: float) -> dict:
     model = flops.model_stages()
     if tiny:
@@ -317,6 +354,7 @@ def speed(device: torch.device, tiny: bool, peak: float) -> dict:
         steps = train_step_speed(device, [(1, 1, 2)], clips=2, repeats=1, peak=peak, layer4_train=model["layer4_train"])
         batched = side_by_side_step_speed(device, [(1, 1, 2)], [1, 2], repeats=1, peak=peak,
                                           layer4_train=model["layer4_train"])
+        convs = grouped_conv_speed(device, models=2, maps=4, repeats=1, peak=peak)
     else:
         mag = magnifier_speed(device, [128, 224, 384], F=11, K=9, repeats=5, peak=peak)
         trunk = trunk_speed(device, [64, 256], size=224, repeats=5, peak=peak)
@@ -326,7 +364,8 @@ def speed(device: torch.device, tiny: bool, peak: float) -> dict:
         steps = train_step_speed(device, shapes, clips=64, repeats=3, peak=peak, layer4_train=model["layer4_train"])
         batched = side_by_side_step_speed(device, shapes[:2], [1, 16, 64, 192], repeats=3, peak=peak,
                                           layer4_train=model["layer4_train"])
-    return {"magnifier": mag, "trunk": trunk, "train_step": steps, "side_by_side_step": batched,
+        convs = grouped_conv_speed(device, models=160, maps=40, repeats=3, peak=peak)  # the AMAN program's step
+    return {"magnifier": mag, "trunk": trunk, "train_step": steps, "side_by_side_step": batched, "conv": convs,
             "flops_note": "FLOPs as bench/flops.py counts them (convolutions and matmuls, multiply-add = 2); "
                           "training: layer4 forward + backward per slice "
                           f"({model['layer4_train'] / 1e9:.3f} GFLOP), heads and optimiser not counted"}
@@ -465,7 +504,8 @@ def summary(r: dict) -> None:
         print(f"agreement: {a['error']}")
     for rows in r.get("speed", {}).values():
         for row in rows if isinstance(rows, list) else []:
-            shape = {k: row[k] for k in ("size", "frames", "factors", "batch") if k in row}
+            shape = {k: row[k] for k in ("size", "frames", "factors", "batch", "models", "maps", "cudnn_benchmark")
+                     if k in row}
             print(f"{row['stage']} {shape}: {row['images_per_s']:.0f} img/s, {row['tflop_per_s']:.1f} TFLOP/s "
                   f"({row['share_of_peak']:.1%} of peak)")
     for name, v in r.get("projections", {}).items():
