@@ -43,7 +43,7 @@ PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memor
 # Full models of one program at most, and trunk maps through their layer4s per call (about 1.5 MB each in training).
 # Each model keeps layer4's 8.4M weights with their gradients and optimiser state (about 0.1 GB). A CPU loses by
 # putting models side by side (bench/side_by_side.py, the synthetic default's shape, bf16 on AVX512-BF16: a model's
-# step took 158 ms alone, 166 ms among 4, 178 ms among 8), so it trains one at a time; an accelerator gains one
+# step took 159 ms alone, 183 ms among 4, 191 ms among 8), so it trains one at a time; an accelerator gains one
 # launch of each kernel for all models instead of one per model.
 FULL_MODELS, FULL_MAPS = 1, 2 ** 8
 ACCELERATOR_FULL_MODELS, ACCELERATOR_FULL_MAPS = 256, 2 ** 13

@@ -4,12 +4,12 @@
    the same seed in fp32 on the GPU (TF32 off, cuDNN deterministic) and on the CPU: are the predictions identical,
    and how far apart are alpha, beta and the per-epoch training loss; one fold trained the same way gives the
    largest logit and parameter difference. The sweep's engine on the GPU (every fold's model side by side,
-   amanlib.sweep) against run_loso's there, the same way. Then bf16 autocast on the GPU against fp32 on the GPU: UF1 of each and
-   their difference with a paired bootstrap CI over subjects.
-2. speed (bf16 autocast, channels_last, as the kit runs on a GPU): images/s of the learning-based magnifier (as
+   amanlib.sweep) against run_loso's there, the same way. Then bf16 autocast on the GPU against fp32 on the GPU:
+   UF1 of each and their difference with a paired bootstrap CI over subjects.
+2. speed (bf16 autocast, channels_last, as the kit runs on a GPU; the side-by-side parts first): images/s of the learning-based magnifier (as
    amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk at 224 px, and of the full
    model's training step, one fold's model alone (amanlib.train._Fold.train_epoch, run_loso's step) and M folds'
-   models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 192), each with the FLOPs
+   models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 160), each with the FLOPs
    bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak; and layer4's 3x3
    convolution for 160 models side by side as the kit runs it (one grouped conv2d, cudnn.benchmark off and on)
    against unfold + one batched matmul.
@@ -352,9 +352,6 @@ def speed(device: torch.device, tiny: bool, peak: float) -> dict:
         mag = magnifier_speed(device, [16], F=1, K=2, repeats=1, peak=peak)
         trunk = trunk_speed(device, [1], size=32, repeats=1, peak=peak)
         steps = train_step_speed(device, [(1, 1, 2)], clips=2, repeats=1, peak=peak, layer4_train=model["layer4_train"])
-        batched = side_by_side_step_speed(device, [(1, 1, 2)], [1, 2], repeats=1, peak=peak,
-                                          layer4_train=model["layer4_train"])
-        convs = grouped_conv_speed(device, models=2, maps=4, repeats=1, peak=peak)
     else:
         mag = magnifier_speed(device, [128, 224, 384], F=11, K=9, repeats=5, peak=peak)
         trunk = trunk_speed(device, [64, 256], size=224, repeats=5, peak=peak)
@@ -362,50 +359,57 @@ def speed(device: torch.device, tiny: bool, peak: float) -> dict:
         shapes = [(d["frames"], d["magnified"], d["batch"]), (d["frames"], 1, d["batch"]),  # synthetic: AMAN, 1 slot
                   (11, 9, 4), (11, 9, 32), (d["frames"], d["magnified"], 64)]  # composite; larger batches
         steps = train_step_speed(device, shapes, clips=64, repeats=3, peak=peak, layer4_train=model["layer4_train"])
-        batched = side_by_side_step_speed(device, shapes[:2], [1, 16, 64, 192], repeats=3, peak=peak,
-                                          layer4_train=model["layer4_train"])
-        convs = grouped_conv_speed(device, models=160, maps=40, repeats=3, peak=peak)  # the AMAN program's step
-    return {"magnifier": mag, "trunk": trunk, "train_step": steps, "side_by_side_step": batched, "conv": convs,
+    return {"magnifier": mag, "trunk": trunk, "train_step": steps,
             "flops_note": "FLOPs as bench/flops.py counts them (convolutions and matmuls, multiply-add = 2); "
                           "training: layer4 forward + backward per slice "
                           f"({model['layer4_train'] / 1e9:.3f} GFLOP), heads and optimiser not counted"}
 
 
+def side_by_side(device: torch.device, tiny: bool, peak: float) -> dict:
+    """The sweep's side-by-side step (synthetic default: 5 slots and 1, M up to 160, the programs bench/gpu.sh's
+    run trains) and layer4's convolution in its two forms."""
+    layer4 = flops.model_stages()["layer4_train"]
+    if tiny:
+        return {"side_by_side_step": side_by_side_step_speed(device, [(1, 1, 2)], [1, 2], 1, peak, layer4),
+                "conv": grouped_conv_speed(device, models=2, maps=4, repeats=1, peak=peak)}
+    d = SYNTHETIC_DEFAULT
+    shapes = [(d["frames"], d["magnified"], d["batch"]), (d["frames"], 1, d["batch"])]
+    return {"side_by_side_step": side_by_side_step_speed(device, shapes, [1, 32, 160], 3, peak, layer4),
+            "conv": grouped_conv_speed(device, models=160, maps=40, repeats=3, peak=peak)}  # the AMAN program's step
+
+
 def projections(measured: dict) -> dict:
-    """Hours and seconds that the measured rates give for the issue's run and for the composite."""
-    steps = {(r["frames"], r["factors"], r["batch"]): r for r in measured["train_step"]}
+    """Seconds and hours that the measured rates give for notebook 04's full-model sweep on the synthetic default
+    (every variant, and bench/gpu.sh's default set) and for the composite."""
+    steps = {(r["frames"], r["factors"], r["batch"]): r for r in measured.get("train_step", [])}
     out = {}
     d = SYNTHETIC_DEFAULT
-    aman, one = steps.get((d["frames"], d["magnified"], d["batch"])), steps.get((d["frames"], 1, d["batch"]))
-    if aman and one:
-        clips = d["subjects"] * d["clips_per_subject"]
-        per_run_steps = d["subjects"] * d["epochs"] * math.ceil((clips - d["clips_per_subject"]) / d["batch"])
-        # the variants of factors [1, 2 .. 12 (5)]: AMAN and the two one-attention ablations read the 5 magnified
-        # slots; no magnification, the 5 single factors and the oracle read one slot each
-        wide, narrow = 3, 7
-        per_seed = per_run_steps * (wide * aman["step_ms"] + narrow * one["step_ms"]) / 1e3
-        out["synthetic_default_full_model_sweep"] = {
-            "what": f"notebook 04 on CUDA: {wide + narrow} variants x {d['seeds']} seeds x {d['subjects']} folds x "
-                    f"{d['epochs']} epochs, batch {d['batch']}, run one fold after another as the engine does now "
-                    "(training steps only; test passes, pre-training and features not counted)",
-            "seconds": per_seed * d["seeds"], "seconds_aman_one_seed": per_run_steps * aman["step_ms"] / 1e3,
-            "step_ms": {"5 slots": aman["step_ms"], "1 slot": one["step_ms"]}}
+    clips = d["subjects"] * d["clips_per_subject"]
+    per_run_steps = d["subjects"] * d["epochs"] * math.ceil((clips - d["clips_per_subject"]) / d["batch"])
+    # variants of factors [1, 2 .. 12 (5)] reading the 5 magnified slots / one slot each: all of them (AMAN and its
+    # two one-attention ablations; no magnification, the 5 single factors and the oracle) and bench/gpu.sh's default
+    # (AMAN; no magnification, the best single factor and the oracle)
+    sets = {"every variant": (3, 7), "bench/gpu.sh's default variants": (1, 3)}
+    alone = {k: steps.get((d["frames"], k, d["batch"])) for k in (d["magnified"], 1)}
     side = [r for r in measured.get("side_by_side_step", []) if r["batch"] == d["batch"]]
-    if side and aman and one:
-        # per model-step at the largest program measured, for the programs notebook 04 runs (sweep.ACCELERATOR_*)
-        best = {k: min((r for r in side if r["factors"] == k), key=lambda r: r["step_ms_per_model"], default=None)
-                for k in (d["magnified"], 1)}
-        if all(best.values()):
-            models = d["seeds"] * d["subjects"]
-            per_run_steps = d["epochs"] * math.ceil((clips - d["clips_per_subject"]) / d["batch"])
-            out["synthetic_default_full_model_sweep_side_by_side"] = {
-                "what": "the same sweep with the folds' models side by side (amanlib.sweep._FullProgram), at the "
-                        "per-model step time of the largest program measured (training steps only)",
-                "seconds": models * per_run_steps * (wide * best[d["magnified"]]["step_ms_per_model"]
-                                                     + narrow * best[1]["step_ms_per_model"]) / 1e3,
-                "models_measured": {f"{k} slots": r["models"] for k, r in best.items()},
-                "cudnn_benchmark": {f"{k} slots": r["cudnn_benchmark"] for k, r in best.items()},
-                "step_ms_per_model": {f"{k} slots": r["step_ms_per_model"] for k, r in best.items()}}
+    best = {k: min((r for r in side if r["factors"] == k), key=lambda r: r["step_ms_per_model"], default=None)
+            for k in (d["magnified"], 1)}  # per model-step at the fastest program measured
+    for engine, per_step in (("one fold after another (run_loso's step)",
+                              {k: r and r["step_ms"] for k, r in alone.items()}),
+                             ("folds side by side (the sweep's step, amanlib.sweep._FullProgram)",
+                              {k: r and r["step_ms_per_model"] for k, r in best.items()})):
+        if not all(per_step.values()):
+            continue
+        for name, (wide, narrow) in sets.items():
+            out[f"synthetic_default_full_model_sweep, {name}, {engine}"] = {
+                "what": f"notebook 04 on the GPU: {wide} variants of 5 slots and {narrow} of one x {d['seeds']} "
+                        f"seeds x {d['subjects']} folds x {d['epochs']} epochs, batch {d['batch']}; training steps "
+                        "only (test passes, model building, pre-training and features not counted)",
+                "seconds": d["seeds"] * per_run_steps * (wide * per_step[d["magnified"]] + narrow * per_step[1]) / 1e3,
+                "step_ms_per_model": {f"{k} slots": v for k, v in per_step.items()}}
+    if all(best.values()):
+        out["side_by_side_programs_used"] = {f"{k} slots": {"models": r["models"], "cudnn_benchmark":
+                                                            r["cudnn_benchmark"]} for k, r in best.items()}
     comp = steps.get((11, 9, 4))
     if comp:
         S, N, epochs = 68, 442, 50
@@ -469,8 +473,9 @@ def main(argv=None) -> dict:
         args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
     parts = [("agreement", lambda: agreement(args.device, args.tiny, work)),
+             ("side_by_side", lambda: side_by_side(device, args.tiny, args.peak_tflops)),
              ("speed", lambda: speed(device, args.tiny, args.peak_tflops)),
-             ("projections", lambda: projections(report["speed"]) if "speed" in report else {}),
+             ("projections", lambda: projections({**report.get("speed", {}), **report.get("side_by_side", {})})),
              ("composite_from_measured", lambda: composite_from_measured(report["speed"]) if "speed" in report else {}),
              ("paper_estimate", paper_estimate)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -502,7 +507,7 @@ def summary(r: dict) -> None:
                   f"{v['max_train_loss_diff']:.2e}")
     if "error" in a:
         print(f"agreement: {a['error']}")
-    for rows in r.get("speed", {}).values():
+    for rows in [*r.get("side_by_side", {}).values(), *r.get("speed", {}).values()]:
         for row in rows if isinstance(rows, list) else []:
             shape = {k: row[k] for k in ("size", "frames", "factors", "batch", "models", "maps", "cudnn_benchmark")
                      if k in row}

@@ -45,7 +45,8 @@ def main(argv=None) -> pd.DataFrame:
     base = {r["factors"]: r["step_ms"] for r in alone}
     table = pd.DataFrame([{"device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                            "machine": platform.processor() or platform.machine(), "slots": r["factors"],
-                           "models": r["models"], "dtype": r["dtype"], "alone_step_ms": base[r["factors"]],
+                           "models": r["models"], "dtype": r["dtype"], "cudnn_benchmark": r["cudnn_benchmark"],
+                           "alone_step_ms": base[r["factors"]],
                            "side_by_side_step_ms_per_model": r["step_ms_per_model"],
                            "ratio_alone_over_side_by_side": base[r["factors"]] / r["step_ms_per_model"],
                            "tflop_per_s": r["tflop_per_s"]} for r in side])

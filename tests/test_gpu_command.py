@@ -71,8 +71,9 @@ def test_gpu_command_dry_run_end_to_end_on_cpu(tmp_path):
     assert checks["agreement"]["cpu_fp32_side_by_side_vs_alone"]["predictions_identical"]  # the sweep's engine
     bf16 = checks["agreement"]["cpu_bf16_vs_cpu_fp32"]
     assert bf16["ci95"][0] <= bf16["difference"] <= bf16["ci95"][1] and "within_ci" in bf16
-    for stage in ("magnifier", "trunk", "train_step", "side_by_side_step"):
-        rows = checks["speed"][stage]
+    for part, stage in (("speed", "magnifier"), ("speed", "trunk"), ("speed", "train_step"),
+                        ("side_by_side", "side_by_side_step"), ("side_by_side", "conv")):
+        rows = checks[part][stage]
         assert rows and all(r["images_per_s"] > 0 and 0 < r["share_of_peak"] < 1 for r in rows), stage
     assert "full-model LOSO, one run (AMAN variant)" in checks["paper_estimate"]["groups"]
 
