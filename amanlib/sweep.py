@@ -44,9 +44,11 @@ PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memor
 # Each model keeps layer4's 8.4M weights with their gradients and optimiser state (about 0.1 GB). A CPU loses by
 # putting models side by side (bench/side_by_side.py, the synthetic default's shape, bf16 on AVX512-BF16: a model's
 # step took 159 ms alone, 183 ms among 4, 191 ms among 8), so it trains one at a time; an accelerator gains one
-# launch of each kernel for all models instead of one per model.
+# launch of each kernel for all models instead of one per model: 320 models hold all 10 one-slot configs of 5 seeds
+# (no magnification and a single factor, 32 folds: about 40 GB with their optimiser state), 2 ** 13 maps about 12 GB
+# of activations.
 FULL_MODELS, FULL_MAPS = 1, 2 ** 8
-ACCELERATOR_FULL_MODELS, ACCELERATOR_FULL_MAPS = 256, 2 ** 13
+ACCELERATOR_FULL_MODELS, ACCELERATOR_FULL_MAPS = 320, 2 ** 13
 CHUNK_ELEMENTS = 2 ** 20  # floats of gathered features per matmul on a CPU (4 MB: stays in cache; measured)
 ACCELERATOR_CHUNK_ELEMENTS = 2 ** 26  # the same on an accelerator, where fewer and larger matmuls win
 

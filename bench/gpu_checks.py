@@ -9,7 +9,7 @@
 2. speed (bf16 autocast, channels_last, as the kit runs on a GPU; the side-by-side parts first): images/s of the learning-based magnifier (as
    amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk at 224 px, and of the full
    model's training step, one fold's model alone (amanlib.train._Fold.train_epoch, run_loso's step) and M folds'
-   models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 160), each with the FLOPs
+   models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 320), each with the FLOPs
    bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak; and layer4's 3x3
    convolution for 160 models side by side as the kit runs it (one grouped conv2d, cudnn.benchmark off and on)
    against unfold + one batched matmul.
@@ -366,15 +366,16 @@ def speed(device: torch.device, tiny: bool, peak: float) -> dict:
 
 
 def side_by_side(device: torch.device, tiny: bool, peak: float) -> dict:
-    """The sweep's side-by-side step (synthetic default: 5 slots and 1, M up to 160, the programs bench/gpu.sh's
-    run trains) and layer4's convolution in its two forms."""
+    """The sweep's side-by-side step (synthetic default: 5 slots and 1, up to the programs bench/gpu.sh's run trains)
+    and layer4's convolution in its two forms."""
     layer4 = flops.model_stages()["layer4_train"]
     if tiny:
         return {"side_by_side_step": side_by_side_step_speed(device, [(1, 1, 2)], [1, 2], 1, peak, layer4),
                 "conv": grouped_conv_speed(device, models=2, maps=4, repeats=1, peak=peak)}
-    d = SYNTHETIC_DEFAULT
-    shapes = [(d["frames"], d["magnified"], d["batch"]), (d["frames"], 1, d["batch"])]
-    return {"side_by_side_step": side_by_side_step_speed(device, shapes, [1, 32, 160], 3, peak, layer4),
+    d = SYNTHETIC_DEFAULT  # AMAN's program: 5 seeds x 32 folds; the one-slot variants': twice that
+    steps = side_by_side_step_speed(device, [(d["frames"], d["magnified"], d["batch"])], [1, 32, 160], 3, peak, layer4)
+    steps += side_by_side_step_speed(device, [(d["frames"], 1, d["batch"])], [1, 32, 320], 3, peak, layer4)
+    return {"side_by_side_step": steps,
             "conv": grouped_conv_speed(device, models=160, maps=40, repeats=3, peak=peak)}  # the AMAN program's step
 
 
