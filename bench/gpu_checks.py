@@ -6,8 +6,9 @@
    largest logit and parameter difference. The sweep's engine on the GPU (every fold's model side by side,
    amanlib.sweep) against run_loso's there, the same way. Then bf16 autocast on the GPU against fp32 on the GPU:
    UF1 of each and their difference with a paired bootstrap CI over subjects.
-2. speed (bf16 autocast, channels_last, as the kit runs on a GPU; the side-by-side parts first): images/s of the learning-based magnifier (as
-   amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk at 224 px, and of the full
+2. speed (bf16 autocast, channels_last, as the kit runs on a GPU; the side-by-side parts first): images/s of the
+   learning-based magnifier (as amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk
+   at 224 px, and of the full
    model's training step, one fold's model alone (amanlib.train._Fold.train_epoch, run_loso's step) and M folds'
    models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 320), each with the FLOPs
    bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak; and layer4's 3x3
