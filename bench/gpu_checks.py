@@ -8,12 +8,11 @@
    UF1 of each and their difference with a paired bootstrap CI over subjects.
 2. speed (bf16 autocast, channels_last, as the kit runs on a GPU; the side-by-side parts first): images/s of the
    learning-based magnifier (as amanlib calls it per clip: one onset, F frames, K factors), of the ResNet-18 trunk
-   at 224 px, and of the full
-   model's training step, one fold's model alone (amanlib.train._Fold.train_epoch, run_loso's step) and M folds'
-   models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 320), each with the FLOPs
-   bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak; and layer4's 3x3
-   convolution for 160 models side by side as the kit runs it (one grouped conv2d, cudnn.benchmark off and on)
-   against unfold + one batched matmul.
+   at 224 px, and of the full model's training step, one fold's model alone (amanlib.train._Fold.train_epoch,
+   run_loso's step) and M folds' models side by side (amanlib.sweep._FullProgram, the sweep's step, M = 1 to 320),
+   each with the FLOPs bench/flops.py counts, the TFLOP/s reached and its share of the H200's dense bf16 peak; and
+   layer4's 3x3 convolution for 160 models side by side as the kit runs it (one grouped conv2d, cudnn.benchmark off
+   and on) against unfold + one batched matmul.
 3. projections from those measurements: notebook 04's full-model sweep on the synthetic default (the issue's
    `results/gpu` run) with one fold after another and with the folds side by side, and the MEGC2019 composite's
    full-model LOSO (AMAN variant, one seed) on one GPU, beside bench/flops.py's paper estimate.
