@@ -700,7 +700,7 @@ def _train(program: _Program | _FullProgram, models, labels, cfg: TrainConfig, d
             losses[step] = loss.detach()
             correct[step] = ((logits.argmax(2) == y[step, :, :w]) & mask[step, :, :w]).sum(1)
         scheduler.step()
-        loss_sum = (losses.double() * mask.sum(2)).sum(0)  # M
+        loss_sum = (losses.cpu().double() * mask.sum(2).cpu()).sum(0)  # M, in float64 on the CPU (MPS has none)
         _check_diverged(program, models, loss_sum, epoch)
         log["history"].append({"lr": lr, "train_loss": loss_sum.cpu(), "train_acc": correct.sum(0).cpu()})
         program.train(False)
@@ -712,18 +712,18 @@ def _train(program: _Program | _FullProgram, models, labels, cfg: TrainConfig, d
         log["pred"].append(pred.cpu())
         log["alpha"].append(alpha.float().cpu())
         log["beta"].append(beta.float().cpu())
-        log["history"][-1]["test_acc"] = (((pred == labels[test_idx]) & test_mask).sum(1).double()
-                                          / test_mask.sum(1)).cpu()
+        log["history"][-1]["test_acc"] = ((pred == labels[test_idx]) & test_mask).sum(1).cpu().double() \
+            / test_mask.sum(1).cpu()
         if tick:
             tick(epoch + 1)
     return log
 
 
-def _check_diverged(program: _Program, models, loss_sum: torch.Tensor, epoch: int) -> None:
+def _check_diverged(program: _Program | _FullProgram, models, loss_sum: torch.Tensor, epoch: int) -> None:
     """Raise TrainingDiverged for the first model whose epoch loss or parameters are not finite (one check per
     epoch; the loss is read back anyway)."""
     finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in program.heads.params().values()]).all(0)  # M
-    bad = (~torch.isfinite(loss_sum.to(finite.device)) | ~finite).nonzero().flatten()
+    bad = (~torch.isfinite(loss_sum) | ~finite.cpu()).nonzero().flatten()  # loss_sum: float64 on the CPU
     if len(bad):
         m = int(bad[0])
         what = (f"the training loss is {float(loss_sum[m]):.4g}" if not torch.isfinite(loss_sum[m])
