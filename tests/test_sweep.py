@@ -255,3 +255,20 @@ def test_the_bar_moves_every_epoch_by_whole_units(tmp_path, monkeypatch):
     moves = [n for n in updates if n]
     assert all(isinstance(n, int) and n > 0 for n in moves)
     assert sum(moves) == 2 * 5 and len(moves) >= 5  # 2 runs x 5 folds, in more steps than programs
+
+
+def test_a_full_program_computes_alike_in_the_accelerators_channels_last_layout():
+    """On an accelerator a full program feeds layer4 channels_last (a CPU does not): the same logits and attention
+    in train and in eval mode."""
+    index = even_index()
+    x = torch.randn(len(index), 2, 3, 16, 6, 6, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(batch_size=4, device="cpu", precision="fp32", factor_slots=(1, 2))
+    group = next(g for g in sweep._full_groups(index, sweep.loso_folds(index), [cfg], 8, 2 ** 20, 2, 3) if len(g) > 1)
+    plain = sweep._full_program(group, x, 3, torch.device("cpu"), 2 ** 8)
+    nhwc = dataclasses.replace(sweep._full_program(group, x, 3, torch.device("cpu"), 2 ** 8), channels_last=True)
+    clips = torch.tensor(np.stack([d["fit"][:4] for d in group]))
+    for training in (True, False):
+        plain.train(training)
+        nhwc.train(training)
+        for a, b in zip(plain(clips), nhwc(clips)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
