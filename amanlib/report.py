@@ -40,6 +40,11 @@ def comparisons_text(comparisons, n_subjects: int | None = None) -> str:
     return "\n\n".join(lines)
 
 
+def _score(scores: dict, metric: str = "uf1") -> str:
+    """A mean with its 95% CI, as metrics.json's ablations hold them: 0.512 [0.470, 0.553]."""
+    return f"{scores[metric]:.3f} [{scores[metric + '_ci'][0]:.3f}, {scores[metric + '_ci'][1]:.3f}]"
+
+
 def variant_table(metrics: dict) -> pd.DataFrame:
     """Per variant: mean UF1/UAR with 95% CIs, and the difference to AMAN with its CI and p-value; the oracle is
     named a positive control."""
@@ -48,10 +53,9 @@ def variant_table(metrics: dict) -> pd.DataFrame:
     for variant, a in metrics["ablations"].items():
         row = {"variant": f"{variant}: positive control" if is_control(variant) else variant}
         for m in ("uf1", "uar"):
-            row[m.upper()] = f"{a[m]:.3f} [{a[m + '_ci'][0]:.3f}, {a[m + '_ci'][1]:.3f}]"
+            row[m.upper()] = _score(a, m)
             c = diffs.get((variant, m))
-            row[f"AMAN - variant, {m.upper()}"] = (f"{c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], "
-                                                   f"p {c['p_value']:.3g}") if c else ""
+            row[f"AMAN - variant, {m.upper()}"] = f"{_diff(c)}, p {c['p_value']:.3g}" if c else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -212,10 +216,6 @@ def magnifier_text(comparison: dict) -> str:
 
 GPU_FOLDER = "gpu"
 """The results folder bench/gpu.sh writes on a GPU (the full model), beside the frozen-layer4 default."""
-
-
-def _score(scores: dict, metric: str = "uf1") -> str:
-    return f"{scores[metric]:.3f} [{scores[metric + '_ci'][0]:.3f}, {scores[metric + '_ci'][1]:.3f}]"
 
 
 def gpu_markdown(results_dir, n_resamples: int = 2000, n_permutations: int = 10000) -> str | None:

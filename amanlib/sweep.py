@@ -37,7 +37,8 @@ from .runtime import autocast, progress_bar, resolve_device
 from .train import (Keyed, TrainConfig, TrainingDiverged, Variant, ablation_variants, check_finite, check_head,
                     check_index, choose_epoch, clip_names, diverged, finish_run, fold_seed, inner_val_subject,
                     loso_folds, make_head, make_loss, make_model, make_optimizer, model_name, prepare_features,
-                    place_features, repair_advice, run_inputs, standardisation, training_dtype, unpack_features)
+                    place_features, repair_advice, run_inputs, standardisation, training_dtype, unpack_features,
+                    uses_channels_last)
 
 PROGRAM_MODELS = 1024  # models of one batched program at most (bounds its memory; a killed sweep keeps the finished)
 # Full models of one program at most, and trunk maps through their layer4s per call (about 1.5 MB each in training).
@@ -601,7 +602,7 @@ def _full_program(group: list[dict], maps: torch.Tensor, num_classes: int, devic
     return _FullProgram(stack, maps, slots, _switch(group, "use_alpha", device)[:, None, None, None],
                         _switch(group, "use_beta", device)[:, None, None],
                         maps.shape[1] * slots.shape[1] if cfg.layer4_bn == "per_slice" else 1,
-                        training_dtype(cfg, device), cfg.channels_last and device.type != "cpu", maps_per_call)
+                        training_dtype(cfg, device), uses_channels_last(cfg, device), maps_per_call)
 
 
 def _sharing(models, n_factors: int) -> int:

@@ -182,6 +182,11 @@ def make_head(head, cfg: TrainConfig, num_classes: int, n_frames: int, n_factors
     return module
 
 
+def uses_channels_last(cfg: TrainConfig, device) -> bool:
+    """Whether the full model feeds layer4 channels_last: cfg's choice, on an accelerator only."""
+    return cfg.channels_last and torch.device(device).type != "cpu"
+
+
 def make_model(head, cfg: TrainConfig, num_classes: int, features_shape, seed: int, device="cpu") -> nn.Module:
     """The model a fold trains, drawn from `seed`: on pooled features [N, F, K, 512] (frozen layer4) the head alone
     (make_head), on trunk maps [N, F, K, C, H, W] AMAN with its layer4 (started from cfg.init_layer4_from)."""
@@ -190,7 +195,7 @@ def make_model(head, cfg: TrainConfig, num_classes: int, features_shape, seed: i
         return make_head(head, cfg, num_classes, n_frames, n_factors, seed).to(device)
     torch.manual_seed(seed)
     model = AMAN(num_classes, in_channels=features_shape[3], use_alpha=cfg.use_alpha, use_beta=cfg.use_beta,
-                 layer4_bn=cfg.layer4_bn, channels_last=cfg.channels_last and torch.device(device).type != "cpu")
+                 layer4_bn=cfg.layer4_bn, channels_last=uses_channels_last(cfg, device))
     model.zero_unused_attention(n_factors)
     if cfg.init_layer4_from:
         model.load_layer4(cfg.init_layer4_from)

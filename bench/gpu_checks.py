@@ -313,12 +313,12 @@ def side_by_side_step_speed(device: torch.device, shapes, models: list[int], rep
 
 def grouped_conv_speed(device: torch.device, models: int, maps: int, repeats: int, peak: float) -> list[dict]:
     """layer4's 3x3 convolution of 512 channels on 7x7 maps, for M models side by side on `maps` maps each, forward
-    and backward (input and weight gradients) in bf16 autocast where native: as one grouped conv2d (the kit's
-    side_by_side; cudnn.benchmark off and, on CUDA, on) and as im2col (unfold) + one batched matmul, its alternative."""
+    and backward (input and weight gradients), in bf16 autocast on CUDA (autocast_dtype): as one grouped conv2d (the
+    kit's side_by_side; cudnn.benchmark off and, on CUDA, on) and as im2col (unfold) + one batched matmul."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(maps, models * 512, 7, 7, device=device, generator=g, requires_grad=True)
     w = torch.randn(models * 512, 512, 3, 3, device=device, generator=g, requires_grad=True)
-    dtype = autocast_dtype(device) or (torch.bfloat16 if device.type == "cpu" else None)
+    dtype = autocast_dtype(device)
     flop = 3 * 2 * maps * 49 * models * 512 * 512 * 9  # forward, and the two gradients
 
     def grouped():
